@@ -1,0 +1,103 @@
+"""The `ctray` command: build data, tune, list and serve models, predict over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ctray.config import ConfigError
+from ctray.data.build import BuildError
+from ctray.data.nifti import NiftiError
+from ctray.experiment import (
+    ExperimentDefaults,
+    add_data_arguments,
+    build_config,
+    parse_options,
+    report_build,
+)
+from ctray.registry import family_names, get_family
+
+USER_ERRORS = (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError)
+
+
+def _families(args: argparse.Namespace) -> int:
+    for name in family_names():
+        spec = get_family(name)
+        print(
+            f"{name:12s} {spec.description}  (metric val/{spec.metric}, {spec.mode}; "
+            f"presets: {', '.join(sorted(spec.presets))})"
+        )
+    return 0
+
+
+def _data_build(args: argparse.Namespace) -> int:
+    spec = get_family(args.family)
+    if args.input is None and not args.phantom:
+        raise ConfigError("give --input DIR and/or --phantom N")
+    manifest = spec.build_shards(
+        out=args.out,
+        inputs=args.input,
+        phantom=args.phantom or 0,
+        config=build_config(args, ExperimentDefaults()),
+        options=parse_options(args.option),
+    )
+    report_build(manifest)
+    print(f"wrote {Path(args.out) / 'manifest.json'} (fingerprint {manifest.fingerprint})")
+    return 0
+
+
+def _tune(args: argparse.Namespace, rest: list[str]) -> int:
+    from ctray.experiment import run
+
+    return run(args.family, rest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctray", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("families", help="list the registered model families").set_defaults(
+        func=_families
+    )
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(
+        dest="data_command", required=True
+    )
+    build = data.add_parser(
+        "build", help="NIfTI folder or phantom -> Parquet shards + manifest.json"
+    )
+    build.add_argument("--family", required=True, help=f"one of {', '.join(family_names())}")
+    build.add_argument("--input", help="folder of NIfTI inputs (layouts: see docs/data.md)")
+    build.add_argument("--out", required=True, help="shard folder to create or update")
+    build.add_argument("--seed", type=int, default=0)
+    add_data_arguments(build, None)
+    build.set_defaults(func=_data_build)
+
+    tune = sub.add_parser(
+        "tune", help="tune a family (same flags as experiments/tune_<family>.py)", add_help=False
+    )
+    tune.add_argument("family", help=f"one of {', '.join(family_names())}")
+    tune.set_defaults(func=_tune, passthrough=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    try:
+        return args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
+    except USER_ERRORS as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The family-independent part of `ctray data build`: splits, patches, incremental shard writes.
+
+A family turns its inputs into :class:`SubjectSource` objects (a name, the files it came from
+with checksums, and a function that produces the subject's patch rows); :func:`build_shards`
+assigns splits, writes one Parquet file per subject atomically, skips subjects whose inputs
+and settings are unchanged since the last build, and records every skipped input with its
+reason in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from ctray.config import to_dict
+from ctray.data.nifti import NiftiError, Volume, canonical_ras, resample_to_spacing
+from ctray.data.shards import (
+    SPLITS,
+    InputRecord,
+    Manifest,
+    describe_columns,
+    load_manifest,
+    rows_to_table,
+    write_table_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """Settings shared by every family's shard build (recorded in the manifest).
+
+    Attributes:
+        patch_size: voxels per patch (x, y, z) after resampling.
+        spacing: target voxel size in mm (canonical RAS).
+        window_lo / window_hi: the HU window mapped to [0, 1]; stored, never implicit.
+        patches_per_subject: patch origins drawn per subject.
+        val_fraction: share of subjects held out for validation (at least one).
+        seed: makes patch positions, splits' tie-breaks and simulations reproducible.
+        strict: turn a skipped input into an error instead of a manifest entry.
+    """
+
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    window_lo: float = -1000.0
+    window_hi: float = 1000.0
+    patches_per_subject: int = 8
+    val_fraction: float = 0.25
+    seed: int = 0
+    strict: bool = False
+
+    @property
+    def window(self) -> dict[str, float]:
+        return {"lo": self.window_lo, "hi": self.window_hi}
+
+
+@dataclass(kw_only=True)
+class SubjectSource:
+    """One subject to build: where it came from and how to make its rows.
+
+    ``make_rows(rng, split)`` returns the patch rows and the manifest statistics (shape,
+    spacing, hu); it raises NiftiError or ValueError for an input that must be skipped.
+    """
+
+    subject: str
+    paths: dict[str, str]
+    checksums: dict[str, str]
+    make_rows: Callable[[np.random.Generator, str], tuple[list[Row], dict[str, Any]]]
+
+
+class BuildError(RuntimeError):
+    """A build cannot produce a usable dataset (no inputs, too few subjects, strict skip)."""
+
+
+def prepare(vol: Volume, spacing: Sequence[float], *, mode: str = "bilinear") -> Volume:
+    """Canonical RAS orientation, then resampling to the build spacing."""
+    ras, _ = canonical_ras(vol)
+    return resample_to_spacing(ras, spacing, mode=mode)
+
+
+def pad_to(array: np.ndarray, size: Sequence[int], value: float) -> np.ndarray:
+    """Pad (at the far end) so every axis is at least ``size``; small scans still give patches."""
+    pad = [(0, max(0, s - n)) for n, s in zip(array.shape, size, strict=True)]
+    return np.pad(array, pad, constant_values=value) if any(p[1] for p in pad) else array
+
+
+def sample_origins(
+    mask: np.ndarray,
+    patch: Sequence[int],
+    count: int,
+    rng: np.random.Generator,
+    *,
+    z_range: tuple[int, int] | None = None,
+) -> list[tuple[int, int, int]]:
+    """Patch corners whose centre lies inside ``mask`` (and the z range, if it fits a patch)."""
+    limits = [n - p for n, p in zip(mask.shape, patch, strict=True)]
+    if min(limits) < 0:
+        raise ValueError(f"volume {mask.shape} is smaller than the patch {tuple(patch)}")
+    lo_z, hi_z = 0, limits[2]
+    if z_range is not None and z_range[1] - z_range[0] >= patch[2]:
+        lo_z, hi_z = z_range[0], z_range[1] - patch[2]
+    half = np.asarray(patch) // 2
+    centres = np.argwhere(mask)
+    corners = centres - half
+    ok = (
+        (corners[:, 0] >= 0)
+        & (corners[:, 0] <= limits[0])
+        & (corners[:, 1] >= 0)
+        & (corners[:, 1] <= limits[1])
+        & (corners[:, 2] >= lo_z)
+        & (corners[:, 2] <= hi_z)
+    )
+    corners = corners[ok]
+    if len(corners) == 0:
+        corners = np.array([[limits[0] // 2, limits[1] // 2, (lo_z + hi_z) // 2]])
+    picks = rng.choice(len(corners), size=count, replace=len(corners) < count)
+    return [tuple(int(v) for v in corners[i]) for i in picks]
+
+
+def crop(array: np.ndarray, origin: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+    """The patch of ``array`` starting at ``origin`` (a contiguous copy)."""
+    sl = tuple(slice(o, o + p) for o, p in zip(origin, patch, strict=True))
+    return np.ascontiguousarray(array[sl])
+
+
+def hu_stats(array: np.ndarray) -> dict[str, float]:
+    return {
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "mean": float(array.mean()),
+        "std": float(array.std()),
+    }
+
+
+def assign_splits(subjects: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Stable subject-level split: the same subjects land in the same split on every re-run."""
+    if len(subjects) < 2:
+        raise BuildError(
+            f"need at least 2 subjects for a train/val split, got {len(subjects)}; add inputs, "
+            "or draw several simulations per native scan (phase_gan: --simulations K)"
+        )
+    ranked = sorted(subjects, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
+    n_val = min(len(subjects) - 1, max(1, round(val_fraction * len(subjects))))
+    return {s: ("val" if i < n_val else "train") for i, s in enumerate(ranked)}
+
+
+def _reusable(
+    old: Manifest | None, out: Path, source: SubjectSource, split: str
+) -> InputRecord | None:
+    if old is None:
+        return None
+    for rec in old.inputs:
+        if (
+            rec.subject == source.subject
+            and rec.checksums == source.checksums
+            and rec.split == split
+            and (out / rec.shard).is_file()
+        ):
+            return rec
+    return None
+
+
+def build_shards(
+    *,
+    family: str,
+    out: str | Path,
+    sources: Sequence[SubjectSource],
+    skipped: list[dict[str, str]],
+    config: BuildConfig,
+    family_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write (or update) a shard directory and its manifest; returns the manifest.
+
+    Inputs that fail validation are skipped and recorded (or raise with ``config.strict``);
+    nothing half-written is ever left under a shard's final name.
+    """
+    out = Path(out)
+    build = {"family_options": dict(family_options or {}), **to_dict(config)}
+    old: Manifest | None = None
+    try:
+        candidate = load_manifest(out)
+        if candidate.family == family and candidate.build == build:
+            old = candidate
+    except FileNotFoundError:
+        pass
+    if not sources:
+        raise BuildError(
+            "no usable inputs"
+            + (": " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) if skipped else "")
+        )
+    splits = assign_splits([s.subject for s in sources], config.val_fraction, config.seed)
+    manifest = Manifest(
+        family=family,
+        build=build,
+        patch_size=list(config.patch_size),
+        spacing=list(config.spacing),
+        window=config.window,
+        skipped=list(skipped),
+    )
+    reused = 0
+    for source in tqdm(
+        sources, desc=f"building {family} shards", unit="subject", disable=not progress
+    ):
+        split = splits[source.subject]
+        rec = _reusable(old, out, source, split)
+        if rec is not None:
+            manifest.inputs.append(rec)
+            manifest.columns = old.columns if old else manifest.columns
+            reused += 1
+            continue
+        seed = int(hashlib.sha256(f"{config.seed}:{source.subject}".encode()).hexdigest()[:8], 16)
+        try:
+            rows, stats = source.make_rows(np.random.default_rng(seed), split)
+        except (NiftiError, ValueError) as err:
+            reason = err.reason if isinstance(err, NiftiError) else str(err)
+            if config.strict:
+                raise BuildError(f"{source.subject}: {reason}") from err
+            path = next(iter(source.paths.values()), source.subject)
+            manifest.skipped.append({"path": path, "reason": reason})
+            log.warning("skipped %s: %s", path, reason)
+            continue
+        shard = f"{split}/{source.subject}.parquet"
+        table = rows_to_table(rows)
+        write_table_atomic(table, out / shard)
+        manifest.columns = describe_columns(table)
+        manifest.inputs.append(
+            InputRecord(
+                subject=source.subject,
+                paths=source.paths,
+                checksums=source.checksums,
+                split=split,
+                shard=shard,
+                rows=len(rows),
+                **stats,
+            )
+        )
+    if config.strict and manifest.skipped:
+        raise BuildError("; ".join(f"{s['path']}: {s['reason']}" for s in manifest.skipped))
+    for split in SPLITS:
+        if not any(r.split == split for r in manifest.inputs):
+            raise BuildError(f"no usable subject left for the {split!r} split; see skipped inputs")
+    keep = {out / r.shard for r in manifest.inputs}
+    for split in SPLITS:
+        for stale in (out / split).glob("*.parquet"):
+            if stale not in keep:
+                stale.unlink()
+    manifest.save(out)
+    log.info(
+        "built %s: %s rows, %d reused, %d skipped",
+        out,
+        manifest.counts,
+        reused,
+        len(manifest.skipped),
+    )
+    return manifest

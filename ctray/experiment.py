@@ -1,0 +1,292 @@
+"""The shared body of the `experiments/tune_<family>.py` scripts and `ctray tune`.
+
+Data in, exported best model out: build (or reuse) shards, start or join Ray, run Tune,
+print the trials and the best configuration, export the best model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctray.config import ConfigError
+from ctray.data.build import BuildConfig, BuildError
+from ctray.data.nifti import NiftiError
+from ctray.data.shards import MANIFEST
+from ctray.registry import get_family
+from ctray.train.trainer import Resources
+from ctray.tune.search_space import load_search_space
+
+log = logging.getLogger("ctray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentDefaults:
+    """What a script runs with no arguments (and with --smoke-test)."""
+
+    phantom: int = 8
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    patches_per_subject: int = 6
+    num_samples: int = 4
+    epochs: int = 6
+    batch_size: int = 4
+    max_train_batches: int | None = None
+    max_val_batches: int | None = None
+    preset: str | None = None
+    family_options: tuple[tuple[str, Any], ...] = ()
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, family: str | None) -> None:
+    """Shard-building flags shared by `ctray data build` and the tune scripts."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--phantom", type=int, help="number of phantom demo subjects")
+    g.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    g.add_argument(
+        "--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target voxel size, mm"
+    )
+    g.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=(-1000.0, 1000.0),
+        help="HU window mapped to [0, 1]",
+    )
+    g.add_argument("--patches-per-subject", type=int)
+    g.add_argument("--val-fraction", type=float, default=0.25)
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first unusable input instead of skipping it",
+    )
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"{family or 'family'} data option (repeatable), e.g. simulations=4",
+    )
+
+
+def build_config(args: argparse.Namespace, defaults: ExperimentDefaults) -> BuildConfig:
+    return BuildConfig(
+        patch_size=tuple(args.patch_size or defaults.patch_size),
+        spacing=tuple(args.spacing or defaults.spacing),
+        window_lo=args.window[0],
+        window_hi=args.window[1],
+        patches_per_subject=args.patches_per_subject or defaults.patches_per_subject,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        strict=args.strict,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser, family: str) -> None:
+    """The flags every tune script shares."""
+    spec = get_family(family)
+    parser.add_argument(
+        "--data",
+        help="NIfTI input folder (see `ctray data build`) or a shard folder; default: phantom",
+    )
+    add_data_arguments(parser, family)
+    g = parser.add_argument_group("search")
+    g.add_argument(
+        "--search-space",
+        default=family,
+        help=f"YAML file or family name (default: search_spaces/{family}.yaml)",
+    )
+    g.add_argument(
+        "--preset",
+        help=f"base preset overriding the search space's ({', '.join(sorted(spec.presets))})",
+    )
+    g.add_argument("--num-samples", type=int)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--max-concurrent", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("cluster")
+    g.add_argument(
+        "--address", help="existing Ray cluster (e.g. auto); default: a local Ray session"
+    )
+    g.add_argument(
+        "--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial"
+    )
+    g.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="0 = CPU/gloo; 1 = one GPU per worker (NCCL, bf16)",
+    )
+    g.add_argument("--cpus-per-worker", type=float, default=1.0)
+    g = parser.add_argument_group("output")
+    g.add_argument(
+        "--storage",
+        default="runs",
+        help="Tune/Train storage: local path or s3://... (shared on a cluster)",
+    )
+    g.add_argument(
+        "--name", help="experiment name (default: <family>-<time>; --resume picks the latest)"
+    )
+    g.add_argument("--export", default="exported", help="folder the best model is exported into")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume an interrupted experiment; finished trials are not re-run",
+    )
+    g.add_argument(
+        "--smoke-test", action="store_true", help="tiny, fast run that exercises every stage"
+    )
+
+
+def parse_options(raw: list[str], base: tuple[tuple[str, Any], ...] = ()) -> dict[str, Any]:
+    """``KEY=VALUE`` flags to a dict; JSON values are decoded, ``*phases`` split on commas."""
+    out: dict[str, Any] = dict(base)
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
+        parsed: Any = (
+            json.loads(value)
+            if value[:1] in "[{0123456789-" or value in ("true", "false")
+            else value
+        )
+        if key.endswith("phases") and isinstance(parsed, str):
+            parsed = [p for p in parsed.split(",") if p]
+        out[key] = parsed
+    return out
+
+
+def prepare_data(args: argparse.Namespace, family: str, defaults: ExperimentDefaults) -> Path:
+    """A shard folder for the run: given, built from --data, or built from phantoms."""
+    spec = get_family(family)
+    if args.data and (Path(args.data) / MANIFEST).is_file():
+        return Path(args.data)
+    config = build_config(args, defaults)
+    options = parse_options(args.option, defaults.family_options)
+    phantom = 0 if args.data else (args.phantom or defaults.phantom)
+    source = str(Path(args.data).resolve()) if args.data else f"phantom{phantom}"
+    key = hashlib.sha256(
+        json.dumps([source, repr(config), options], sort_keys=True).encode()
+    ).hexdigest()[:10]
+    out = Path(args.storage if "://" not in args.storage else "runs") / "data" / f"{family}-{key}"
+    print(f"building {family} shards from {source} into {out}", flush=True)
+    manifest = spec.build_shards(
+        out=out, inputs=args.data, phantom=phantom, config=config, options=options
+    )
+    report_build(manifest)
+    return out
+
+
+def report_build(manifest: Any) -> None:
+    """Print row counts and every skipped input with its reason."""
+    print(f"shards: {manifest.counts} rows, {len(manifest.skipped)} skipped input(s)", flush=True)
+    for s in manifest.skipped:
+        print(f"  skipped {s['path']}: {s['reason']}", flush=True)
+
+
+def run(
+    family: str,
+    argv: list[str] | None = None,
+    *,
+    defaults: ExperimentDefaults = ExperimentDefaults(),
+    smoke: ExperimentDefaults | None = None,
+) -> int:
+    """Parse arguments and run the experiment; returns a process exit code."""
+    parser = argparse.ArgumentParser(
+        prog=f"tune_{family}.py",
+        description=f"Tune the {family} family with Ray Tune + Optuna and export the best model.",
+    )
+    add_arguments(parser, family)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.smoke_test and smoke is not None:
+        defaults = smoke
+    try:
+        return _run(family, args, defaults)
+    except (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return 2
+
+
+def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) -> int:
+    from ctray.session import init_ray
+    from ctray.tune.export import export_best
+    from ctray.tune.runner import (
+        TuneSettings,
+        default_name,
+        format_table,
+        latest_experiment,
+        run_tune,
+        summary_rows,
+    )
+
+    started = time.perf_counter()
+    space = load_search_space(args.search_space)
+    if space.family != family:
+        raise ConfigError(f"{space.source} is a {space.family!r} search space, not {family!r}")
+    preset = args.preset or defaults.preset
+    if preset:
+        space = type(space)(
+            family=space.family,
+            base={**space.base, **get_family(family).preset(preset)},
+            params=space.params,
+            source=space.source,
+        )
+    resources = Resources(
+        workers=args.workers_per_trial,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+    settings = TuneSettings(
+        num_samples=args.num_samples or defaults.num_samples,
+        epochs=args.epochs or defaults.epochs,
+        batch_size=args.batch_size or defaults.batch_size,
+        max_train_batches=defaults.max_train_batches,
+        max_val_batches=defaults.max_val_batches,
+        max_concurrent=args.max_concurrent,
+        seed=args.seed,
+    )
+    name = args.name
+    if args.resume and not name:
+        name = latest_experiment(args.storage, family)
+        if not name:
+            raise FileNotFoundError(f"{args.storage}: no {family} experiment to resume")
+    name = name or default_name(family)
+    data_dir = prepare_data(args, family, defaults)
+    init_ray(args.address)
+    print(
+        f"tuning {family}: experiment {name}, {settings.num_samples} trials x "
+        f"{settings.epochs} epochs, {resources.workers} worker(s)/trial, "
+        f"{'GPU' if resources.use_gpu else 'CPU'}",
+        flush=True,
+    )
+    grid = run_tune(
+        space=space,
+        data_dir=data_dir,
+        storage_path=args.storage,
+        name=name,
+        settings=settings,
+        resources=resources,
+        resume=args.resume,
+    )
+    print("\ntrials (best first):")
+    print(format_table(summary_rows(grid, family)))
+    path, metrics = export_best(grid, family, Path(args.export) / name, experiment=name)
+    best_cfg = json.loads((path / "model.json").read_text())["source"]["config"]
+    print(f"\nbest configuration: {json.dumps(best_cfg, sort_keys=True)}")
+    val = {
+        k: round(v, 4) for k, v in metrics.items() if k.startswith("val/") and isinstance(v, float)
+    }
+    print(f"best validation metrics: {val}")
+    print(f"exported best model to {path}")
+    print(f"serve it with: ctray serve --models {Path(args.export)}")
+    print(f"total wall time: {time.perf_counter() - started:.0f} s")
+    return 0

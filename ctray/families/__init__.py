@@ -1,0 +1,1 @@
+"""Model families; each folder defines one FamilySpec (see ctray.registry)."""

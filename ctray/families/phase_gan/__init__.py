@@ -1,0 +1,1 @@
+"""CT contrast-phase translation: ViT encoder, phase-conditioned 3D generator, PatchGAN, GRL."""

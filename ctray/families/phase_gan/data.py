@@ -1,0 +1,359 @@
+"""Shards for the phase GAN: (source phase, target phase) patch pairs from three kinds of input.
+
+* the built-in phantom (``phantom``: N demo subjects, phases simulated);
+* native scans ``NAME.nii.gz`` with TotalSegmentator labels ``NAME_seg.nii.gz`` (phases
+  simulated; a scan without labels is skipped with that reason, never guessed at);
+* real multi-phase studies: one folder per patient, one file per phase named by phase.
+
+Training rows carry the semi-paired observed volumes (misaligned, different noise and
+z-coverage); validation rows carry the voxel-aligned truth, so validation measures the
+translation, not the registration error. Real studies have no aligned truth: their `truth`
+is the observed target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctray.config import from_dict
+from ctray.data.build import (
+    BuildConfig,
+    Row,
+    SubjectSource,
+    build_shards,
+    crop,
+    hu_stats,
+    pad_to,
+    prepare,
+    sample_origins,
+)
+from ctray.data.nifti import HUWindow, NiftiError, Volume, load_nifti, resample_like
+from ctray.data.organs import organ_mask
+from ctray.data.phantom import PhantomConfig, make_phantom
+from ctray.data.phases import PHASES, SimulatorConfig, parse_phase, simulate_phases
+from ctray.data.shards import Manifest, sha256_file
+from ctray.metrics import LABEL_CLASSES
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+PHANTOM_VERSION = "phantom-v1"
+AIR_HU = -1000.0
+BODY_HU = -500.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseGANDataOptions:
+    """Family-specific build options.
+
+    Attributes:
+        source_phases / target_phases: phases (names or indices) to draw pairs from.
+        pairs_per_patch: ordered (source, target) pairs drawn per patch position.
+        simulations: independent phase simulations per native scan (different enhancement,
+            motion and noise draws); with one real scan, use >= 2 to get a validation subject.
+        semi_paired: simulate misalignment/noise/z-coverage (off: perfectly paired phases).
+    """
+
+    source_phases: tuple[str, ...] = PHASES
+    target_phases: tuple[str, ...] = PHASES
+    pairs_per_patch: int = 3
+    simulations: int = 1
+    semi_paired: bool = True
+
+    def pairs(self) -> list[tuple[int, int]]:
+        src = sorted({parse_phase(p) for p in self.source_phases})
+        tgt = sorted({parse_phase(p) for p in self.target_phases})
+        pairs = [(s, t) for s, t in itertools.product(src, tgt) if s != t]
+        if not pairs:
+            raise ValueError("source and target phases leave no pair with different phases")
+        return pairs
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def coarse_labels(ts_labels: np.ndarray | None, native_hu: np.ndarray) -> np.ndarray:
+    """Body mask (HU > -500) plus the organ classes used by the ROI metrics, as uint8."""
+    out = (native_hu > BODY_HU).astype(np.uint8) * LABEL_CLASSES["body"]
+    if ts_labels is not None:
+        for organ, cls in LABEL_CLASSES.items():
+            if organ != "body":
+                out[organ_mask(ts_labels, organ)] = cls
+    return out
+
+
+@dataclass(kw_only=True, eq=False)
+class _Phases:
+    """A subject on the build grid: observed and aligned volumes per phase, labels."""
+
+    observed: dict[int, np.ndarray]
+    truth: dict[int, np.ndarray]
+    z_ranges: dict[int, tuple[int, int]]
+    labels: np.ndarray
+    volume: Volume
+
+
+def _simulated(
+    native: Volume, ts_labels: np.ndarray, *, seed: int, opts: PhaseGANDataOptions
+) -> _Phases:
+    sim = simulate_phases(
+        native, ts_labels, seed=seed, config=SimulatorConfig(semi_paired=opts.semi_paired)
+    )
+    return _Phases(
+        observed={p: s.observed for p, s in sim.items()},
+        truth={p: s.truth for p, s in sim.items()},
+        z_ranges={p: s.z_range for p, s in sim.items()},
+        labels=coarse_labels(ts_labels, native.array),
+        volume=native,
+    )
+
+
+def _rows(
+    subject: str,
+    data: _Phases,
+    *,
+    split: str,
+    rng: np.random.Generator,
+    config: BuildConfig,
+    opts: PhaseGANDataOptions,
+) -> tuple[list[Row], dict[str, Any]]:
+    window = HUWindow(lo=config.window_lo, hi=config.window_hi)
+    patch = config.patch_size
+    pairs = [(s, t) for s, t in opts.pairs() if s in data.truth and t in data.truth]
+    if not pairs:
+        raise ValueError(f"{subject}: none of the requested phase pairs is present")
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        return pad_to(window.normalise(a).astype(np.float32), patch, 0.0)
+
+    obs = {p: norm(a) for p, a in data.observed.items()}
+    truth = {p: norm(a) for p, a in data.truth.items()}
+    labels = pad_to(data.labels, patch, 0)
+    starts = [r[0] for r in data.z_ranges.values()]
+    stops = [r[1] for r in data.z_ranges.values()]
+    z_range = (max(starts), min(stops))
+    rows: list[Row] = []
+    for origin in sample_origins(
+        labels > 0, patch, config.patches_per_subject, rng, z_range=z_range
+    ):
+        chosen = rng.choice(len(pairs), size=min(opts.pairs_per_patch, len(pairs)), replace=False)
+        for src, tgt in (pairs[i] for i in chosen):
+            source = truth[src] if split == "val" else obs[src]
+            target = truth[tgt] if split == "val" else obs[tgt]
+            rows.append(
+                {
+                    "source": crop(source, origin, patch),
+                    "target": crop(target, origin, patch),
+                    "truth": crop(truth[tgt], origin, patch),
+                    "labels": crop(labels, origin, patch),
+                    "source_phase": np.int8(src),
+                    "target_phase": np.int8(tgt),
+                    "subject": subject,
+                    "origin": list(origin),
+                }
+            )
+    stats = {
+        "shape": list(data.volume.shape),
+        "spacing": [float(s) for s in data.volume.spacing],
+        "hu": hu_stats(data.volume.array),
+        "extra": {"phases": sorted(PHASES[p] for p in data.truth)},
+    }
+    return rows, stats
+
+
+def _phantom_sources(
+    count: int, config: BuildConfig, opts: PhaseGANDataOptions
+) -> list[SubjectSource]:
+    sources = []
+    for k in range(count):
+        subject = f"phantom-{k:03d}"
+        key = hashlib.sha256(f"{PHANTOM_VERSION}:{PhantomConfig()}:{k}".encode()).hexdigest()
+
+        def make(rng: np.random.Generator, split: str, k: int = k, subject: str = subject):
+            raw, ts = make_phantom(seed=k)
+            native = prepare(raw, config.spacing)
+            ts_vol = Volume(array=ts.astype(np.float32), affine=raw.affine)
+            ts_arr = prepare(ts_vol, config.spacing, mode="nearest").array.round().astype(np.uint8)
+            data = _simulated(native, ts_arr, seed=k, opts=opts)
+            return _rows(subject, data, split=split, rng=rng, config=config, opts=opts)
+
+        sources.append(
+            SubjectSource(
+                subject=subject,
+                paths={"phantom": f"phantom:seed={k}"},
+                checksums={"phantom": key},
+                make_rows=make,
+            )
+        )
+    return sources
+
+
+def _native_sources(
+    scans: Sequence[Path],
+    config: BuildConfig,
+    opts: PhaseGANDataOptions,
+    skipped: list[dict[str, str]],
+) -> list[SubjectSource]:
+    sources = []
+    for scan in scans:
+        seg = scan.with_name(f"{_stem(scan)}_seg{scan.name[len(_stem(scan)) :]}")
+        if not seg.is_file():
+            skipped.append(
+                {
+                    "path": str(scan),
+                    "reason": f"no organ label map {seg.name}: contrast phases cannot be "
+                    "simulated without labels (TotalSegmentator 'total' ids)",
+                }
+            )
+            continue
+        checks = {"scan": sha256_file(scan), "labels": sha256_file(seg)}
+        for j in range(opts.simulations):
+            subject = _stem(scan) if opts.simulations == 1 else f"{_stem(scan)}-sim{j}"
+
+            def make(
+                rng: np.random.Generator,
+                split: str,
+                scan=scan,
+                seg=seg,
+                j=j,
+                subject=subject,
+                checks=checks,
+            ):
+                native = load_nifti(scan)
+                ts = load_nifti(seg)
+                if ts.shape != native.shape or not np.allclose(ts.affine, native.affine, atol=1e-3):
+                    raise NiftiError(
+                        str(seg),
+                        f"label map grid {ts.shape} does not match the scan {native.shape}",
+                    )
+                native = prepare(native, config.spacing)
+                ts_arr = prepare(ts, config.spacing, mode="nearest").array.round().astype(np.uint8)
+                seed = int(checks["scan"][:8], 16) + j
+                data = _simulated(native, ts_arr, seed=seed, opts=opts)
+                return _rows(subject, data, split=split, rng=rng, config=config, opts=opts)
+
+            sources.append(
+                SubjectSource(
+                    subject=subject,
+                    paths={"scan": str(scan), "labels": str(seg)},
+                    checksums={**checks, "simulation": str(j)},
+                    make_rows=make,
+                )
+            )
+    return sources
+
+
+def _study_sources(
+    folders: Sequence[Path],
+    config: BuildConfig,
+    opts: PhaseGANDataOptions,
+    skipped: list[dict[str, str]],
+) -> list[SubjectSource]:
+    sources = []
+    for folder in folders:
+        files: dict[int, Path] = {}
+        for path in sorted(folder.iterdir()):
+            if not _is_nifti(path):
+                skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
+                continue
+            try:
+                files[parse_phase(_stem(path))] = path
+            except ValueError as err:
+                skipped.append({"path": str(path), "reason": f"file name is not a phase: {err}"})
+        if len(files) < 2:
+            skipped.append(
+                {"path": str(folder), "reason": f"needs at least 2 phases, found {len(files)}"}
+            )
+            continue
+
+        def make(rng: np.random.Generator, split: str, files=files, subject=folder.name):
+            vols = {p: prepare(load_nifti(f), config.spacing) for p, f in files.items()}
+            ref = vols[min(vols)]
+            arrays = {
+                p: v.array
+                if v.shape == ref.shape and np.allclose(v.affine, ref.affine, atol=1e-3)
+                else resample_like(
+                    v.array, v.affine, target_affine=ref.affine, target_shape=ref.shape
+                )
+                for p, v in vols.items()
+            }
+            native = arrays.get(parse_phase("native"), ref.array)
+            data = _Phases(
+                observed=arrays,
+                truth=arrays,
+                z_ranges={p: (0, ref.shape[2]) for p in arrays},
+                labels=coarse_labels(None, native),
+                volume=ref,
+            )
+            return _rows(subject, data, split=split, rng=rng, config=config, opts=opts)
+
+        sources.append(
+            SubjectSource(
+                subject=folder.name,
+                paths={PHASES[p]: str(f) for p, f in files.items()},
+                checksums={PHASES[p]: sha256_file(f) for p, f in files.items()},
+                make_rows=make,
+            )
+        )
+    return sources
+
+
+def scan_inputs(
+    root: Path, config: BuildConfig, opts: PhaseGANDataOptions, skipped: list[dict[str, str]]
+) -> list[SubjectSource]:
+    """Sources for every usable input under ``root``; the rest go to ``skipped`` with a reason."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: input folder does not exist")
+    scans, folders = [], []
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            folders.append(path)
+        elif _is_nifti(path):
+            if not _stem(path).endswith("_seg"):
+                scans.append(path)
+        elif not path.name.startswith("."):
+            skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
+    return _native_sources(scans, config, opts, skipped) + _study_sources(
+        folders, config, opts, skipped
+    )
+
+
+def build(
+    *,
+    out: str | Path,
+    inputs: str | Path | None = None,
+    phantom: int = 0,
+    config: BuildConfig = BuildConfig(),
+    options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Build phase-GAN shards from ``inputs`` and/or ``phantom`` demo subjects."""
+    opts = from_dict(PhaseGANDataOptions, options, where="phase_gan data options")
+    opts.pairs()
+    skipped: list[dict[str, str]] = []
+    sources = _phantom_sources(phantom, config, opts) if phantom else []
+    if inputs is not None:
+        sources += scan_inputs(Path(inputs), config, opts, skipped)
+    return build_shards(
+        family="phase_gan",
+        out=out,
+        sources=sources,
+        skipped=skipped,
+        config=config,
+        family_options={k: list(v) if isinstance(v, tuple) else v for k, v in vars(opts).items()},
+        progress=progress,
+    )

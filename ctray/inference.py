@@ -1,0 +1,103 @@
+"""Whole-volume prediction for any family: NIfTI geometry in, the same geometry out.
+
+The model sees what it was trained on (canonical RAS, training spacing, the recorded HU
+window, patch-sized windows); the caller gets a volume on the input's own grid and affine.
+The model's change (prediction minus the windowed input) is resampled back and added to the
+original voxels, so intensities outside the window (bone above it, air below it) and voxels
+the model leaves alone come back exactly as they went in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+
+from ctray.data.nifti import (
+    HUWindow,
+    Volume,
+    canonical_ras,
+    resample_like,
+    resample_to_spacing,
+    undo_canonical,
+)
+from ctray.modeldir import LoadedModel
+
+
+def _sliding_window(
+    model: LoadedModel,
+    x: torch.Tensor,
+    cond: Mapping[str, Any],
+    *,
+    overlap: float,
+    sw_batch_size: int,
+) -> torch.Tensor:
+    inferer = SlidingWindowInferer(
+        roi_size=model.data.patch_size,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode="gaussian",
+        padding_mode="replicate",
+    )
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        return model.spec.predict(model.models, window, model.config, cond)
+
+    return inferer(x, predictor)
+
+
+@torch.no_grad()
+def predict_volumes(
+    model: LoadedModel,
+    volumes: list[Volume],
+    conditions: list[Mapping[str, Any]],
+    *,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+) -> list[np.ndarray]:
+    """Predict several volumes (float32 HU, each on its input grid); conditions are parsed.
+
+    Volumes that share a resampled shape and condition run as one batch (Serve's dynamic
+    batching relies on this); others run one by one.
+    """
+    window = HUWindow(**model.data.window)
+    device = next(next(iter(model.models.values())).parameters()).device
+    prepared = []
+    for vol in volumes:
+        ras, ornt = canonical_ras(vol)
+        res = resample_to_spacing(ras, model.data.spacing)
+        prepared.append((ras, ornt, res, window.normalise(res.array.astype(np.float32))))
+    outputs: list[np.ndarray | None] = [None] * len(volumes)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, res, _) in enumerate(prepared):
+        key = (
+            res.shape,
+            tuple(
+                sorted((k, int(v) if np.ndim(v) == 0 else str(v)) for k, v in conditions[i].items())
+            ),
+        )
+        groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        x = torch.from_numpy(np.stack([prepared[i][3] for i in indices]))[:, None].to(device)
+        y = _sliding_window(
+            model, x, conditions[indices[0]], overlap=overlap, sw_batch_size=sw_batch_size
+        )
+        deltas = (y.float() - x).cpu().numpy()[:, 0] * window.width
+        for i, delta in zip(indices, deltas, strict=True):
+            ras, ornt, res, _ = prepared[i]
+            back = resample_like(
+                delta, res.affine, target_affine=ras.affine, target_shape=ras.shape
+            )
+            outputs[i] = (volumes[i].array + undo_canonical(back, ornt)).astype(np.float32)
+    return outputs  # type: ignore[return-value]
+
+
+def predict_volume(
+    model: LoadedModel, volume: Volume, conditioning: Mapping[str, Any], **kw: Any
+) -> np.ndarray:
+    """Predict one volume; ``conditioning`` holds user-typed strings (e.g. target_phase=venous)."""
+    cond = model.spec.parse_conditioning(conditioning)
+    return predict_volumes(model, [volume], [cond], **kw)[0]

@@ -1,0 +1,1 @@
+"""Building blocks no library ships (gradient reversal, sinusoidal condition codes, FiLM)."""

@@ -1,0 +1,27 @@
+"""Connecting to Ray: a local session sized for small machines, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Start (or join) Ray once per process.
+
+    A local session gets more *logical* CPUs than the machine has cores (at least 8): Ray
+    Train worker groups, Tune trial drivers and Ray Data tasks each reserve CPU slots, and
+    on a 2-core machine they would otherwise wait for resources forever.
+    """
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log.info("Ray resources: %s", ray.cluster_resources())

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna over any family, and export of the best trial."""

@@ -1,0 +1,228 @@
+"""Ray Tune + Optuna (TPE) + ASHA over Ray Train runs of any family.
+
+Ray 2.60 runs Train V2, where a Trainer cannot be handed to a Tuner; each trial is a small
+driver function that builds a TorchTrainer and forwards its reports to Tune through
+``TuneReportCallback`` (whose metrics carry the latest ``checkpoint_path``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.data
+from ray import tune
+from ray.tune import ResultGrid
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
+from ctray.config import from_dict
+from ctray.data.shards import load_manifest
+from ctray.registry import get_family
+from ctray.train.loop import LoopConfig
+from ctray.train.trainer import Resources, datasets, make_trainer
+from ctray.tune.search_space import SearchSpace
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneSettings:
+    """How a search runs.
+
+    Attributes:
+        num_samples: trials Optuna proposes.
+        epochs / batch_size / max_*_batches: passed to the generic loop of every trial.
+        max_concurrent: trials running at once.
+        grace_period / reduction_factor: ASHA early stopping (epochs before a trial can be
+            stopped; keep 1/reduction_factor of trials per rung).
+        seed: seeds the TPE sampler and every trial's loop.
+        max_failures: Train-level retries of a failed worker group (resumes from checkpoint).
+        trial_cpus: CPU slots of each trial's driver function (it only waits on its trainer).
+    """
+
+    num_samples: int = 4
+    epochs: int = 6
+    batch_size: int = 4
+    max_train_batches: int | None = None
+    max_val_batches: int | None = None
+    max_concurrent: int = 2
+    grace_period: int = 2
+    reduction_factor: int = 2
+    seed: int = 0
+    max_failures: int = 1
+    trial_cpus: float = 0.25
+
+
+def metric_name(family: str) -> str:
+    return f"val/{get_family(family).metric}"
+
+
+def _run_trial(
+    config: dict[str, Any],
+    *,
+    family: str,
+    base: dict[str, Any],
+    loop: dict[str, Any],
+    data_dir: str,
+    resources: Resources,
+    train_storage: str,
+    prepared: dict[str, ray.data.Dataset],
+    max_failures: int,
+) -> None:
+    """One trial: a TorchTrainer with the sampled config; resumes if its run already exists."""
+    spec = get_family(family)
+    context = tune.get_context()
+    family_cfg = from_dict(spec.config_cls, {**base, **config}, where="trial config")
+    loop_cfg = from_dict(
+        LoopConfig,
+        {**loop, "tensorboard_dir": str(Path(context.get_trial_dir()) / "tensorboard")},
+        where="loop config",
+    )
+    trainer = make_trainer(
+        spec=spec,
+        loop=loop_cfg,
+        family_config=family_cfg,
+        data_dir=data_dir,
+        resources=resources,
+        storage_path=train_storage,
+        name=context.get_trial_id(),
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+        prepared=prepared,
+    )
+    trainer.fit()
+
+
+def _storage(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_tune(
+    *,
+    space: SearchSpace,
+    data_dir: str | Path,
+    storage_path: str,
+    name: str,
+    settings: TuneSettings = TuneSettings(),
+    resources: Resources = Resources(),
+    resume: bool = False,
+) -> ResultGrid:
+    """Run (or resume) a search; returns Tune's ResultGrid."""
+    spec = space.spec
+    storage = _storage(storage_path)
+    data_dir = str(Path(data_dir).resolve())
+    manifest = load_manifest(data_dir)
+    prepared = datasets(spec, data_dir, manifest, materialize=True)
+    loop = {
+        "family": spec.name,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "max_train_batches": settings.max_train_batches,
+        "max_val_batches": settings.max_val_batches,
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _run_trial,
+            family=spec.name,
+            base=space.base,
+            loop=loop,
+            data_dir=data_dir,
+            resources=resources,
+            train_storage=f"{storage}/{name}-train",
+            prepared=prepared,
+            max_failures=settings.max_failures,
+        ),
+        {"cpu": settings.trial_cpus},
+    )
+    path = f"{storage}/{name}"
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"{path}: no experiment to resume")
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+        return tuner.fit()
+    metric = metric_name(spec.name)
+    searcher = ConcurrencyLimiter(
+        OptunaSearch(metric=metric, mode=spec.mode, seed=settings.seed),
+        max_concurrent=settings.max_concurrent,
+    )
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=settings.epochs,
+        grace_period=min(settings.grace_period, settings.epochs),
+        reduction_factor=settings.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space.tune_space(),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=spec.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+    )
+    return tuner.fit()
+
+
+def latest_experiment(storage_path: str, family: str) -> str | None:
+    """Name of the newest experiment of ``family`` under a local storage path (for --resume)."""
+    root = Path(_storage(storage_path))
+    found = sorted(
+        (p for p in root.glob(f"{family}-*") if p.is_dir() and not p.name.endswith("-train")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    return found[-1].name if found else None
+
+
+def default_name(family: str) -> str:
+    return f"{family}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def summary_rows(grid: ResultGrid, family: str) -> list[dict[str, Any]]:
+    """One row per trial: id, status, epochs, model and identity metric, sampled params."""
+    metric = metric_name(family)
+    identity = metric.replace("val/", "val/identity_")
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        rows.append(
+            {
+                "trial": m.get("trial_id", "?"),
+                "status": "error" if result.error else "ok",
+                "epochs": m.get("training_iteration", 0),
+                metric: m.get(metric, math.nan),
+                identity: m.get(identity, math.nan),
+                **{k: v for k, v in (result.config or {}).items()},
+            }
+        )
+    spec_mode = get_family(family).mode
+    rows.sort(
+        key=lambda r: (math.isnan(r[metric]), r[metric] if spec_mode == "min" else -r[metric])
+    )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of summary rows."""
+    if not rows:
+        return "(no trials)"
+    keys = list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    widths = {k: max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
+    lines += ["  ".join(cell(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
