@@ -18,6 +18,7 @@ from ctray.experiment import (
     report_build,
 )
 from ctray.registry import family_names, get_family
+from ctray.serve.cli import add_commands as add_serve_commands
 
 USER_ERRORS = (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError)
 
@@ -81,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("family", help=f"one of {', '.join(family_names())}")
     tune.set_defaults(func=_tune, passthrough=True)
+
+    add_serve_commands(sub)
     return parser
 
 

@@ -52,7 +52,9 @@ def _coerce(value: Any, annotation: Any, *, key: str, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(map(str, args))}")
         return value
-    if origin is tuple and isinstance(value, list | tuple):
+    if origin is tuple and not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: {key} should be a list, got {value!r}")
+    if origin is tuple:
         if args and args[-1] is not Ellipsis and len(args) != len(value):
             raise ConfigError(f"{where}: {key} needs {len(args)} values, got {len(value)}")
         item_types = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args)
@@ -61,6 +63,8 @@ def _coerce(value: Any, annotation: Any, *, key: str, where: str) -> Any:
         )
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}={value!r} should be {annotation.__name__}")
     if annotation is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):

@@ -5,6 +5,10 @@ window, patch-sized windows); the caller gets a volume on the input's own grid a
 The model's change (prediction minus the windowed input) is resampled back and added to the
 original voxels, so intensities outside the window (bone above it, air below it) and voxels
 the model leaves alone come back exactly as they went in.
+
+2D slice models (``DataInfo.resize_inplane``, patch (H, W, 1)) run through the same path: each
+axial slice is resized in-plane to (H, W) (z keeps the input's slices), the inferer's windows are
+whole slices, batched ``sw_batch_size`` at a time, and the change is resized back.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ctray.data.nifti import (
     resample_to_spacing,
     undo_canonical,
 )
+from ctray.data.slices import resize_inplane
 from ctray.modeldir import LoadedModel
 
 
@@ -35,11 +40,13 @@ def _sliding_window(
     overlap: float,
     sw_batch_size: int,
 ) -> torch.Tensor:
+    # Whole-slice windows never overlap: constant weights keep the stitching exact.
+    slices = model.data.resize_inplane
     inferer = SlidingWindowInferer(
         roi_size=model.data.patch_size,
         sw_batch_size=sw_batch_size,
-        overlap=overlap,
-        mode="gaussian",
+        overlap=0.0 if slices else overlap,
+        mode="constant" if slices else "gaussian",
         padding_mode="replicate",
     )
 
@@ -68,7 +75,10 @@ def predict_volumes(
     prepared = []
     for vol in volumes:
         ras, ornt = canonical_ras(vol)
-        res = resample_to_spacing(ras, model.data.spacing)
+        if model.data.resize_inplane:
+            res = resize_inplane(ras, model.data.patch_size[:2])
+        else:
+            res = resample_to_spacing(ras, model.data.spacing)
         prepared.append((ras, ornt, res, window.normalise(res.array.astype(np.float32))))
     outputs: list[np.ndarray | None] = [None] * len(volumes)
     groups: dict[tuple, list[int]] = {}

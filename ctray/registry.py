@@ -28,6 +28,40 @@ class DataInfo:
     patch_size: tuple[int, ...]
     spacing: tuple[float, float, float]
     window: dict[str, float]
+    # 2D slice models (patch (H, W, 1)): each axial slice is resized in-plane to (H, W) instead of
+    # being resampled to ``spacing``; z keeps the input's own slices. Off for older models.
+    resize_inplane: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataInfo:
+        """From the ``data`` dict of a train config or model.json (optional keys may be absent)."""
+        return cls(
+            patch_size=tuple(int(p) for p in data["patch_size"]),
+            spacing=tuple(float(s) for s in data["spacing"]),
+            window=dict(data["window"]),
+            resize_inplane=bool(data.get("resize_inplane", False)),
+        )
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> DataInfo:
+        """From a shard manifest (``ctray.data.shards.Manifest``)."""
+        return cls(
+            patch_size=tuple(manifest.patch_size),
+            spacing=tuple(manifest.spacing),
+            window=dict(manifest.window),
+            resize_inplane=bool(manifest.build.get("resize_inplane", False)),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-JSON form; ``resize_inplane`` is written only when set (older readers)."""
+        out: dict[str, Any] = {
+            "patch_size": list(self.patch_size),
+            "spacing": list(self.spacing),
+            "window": dict(self.window),
+        }
+        if self.resize_inplane:
+            out["resize_inplane"] = True
+        return out
 
 
 @dataclass(kw_only=True)
@@ -117,6 +151,7 @@ class FamilySpec:
 # The explicit list of families: name -> "module:attribute" of its FamilySpec.
 FAMILIES: dict[str, str] = {
     "phase_gan": "ctray.families.phase_gan.spec:SPEC",
+    "pix2pix": "ctray.families.pix2pix.spec:SPEC",
 }
 
 

@@ -12,7 +12,7 @@ import sys
 
 from ctray.experiment import ExperimentDefaults, run
 
-DEFAULTS = ExperimentDefaults(preset="demo")
+DEFAULTS = ExperimentDefaults(preset="demo", patch_size=(32, 32, 16))
 SMOKE = ExperimentDefaults(
     phantom=3,
     patch_size=(16, 16, 16),

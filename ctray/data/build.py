@@ -9,6 +9,7 @@ reason in the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -48,6 +49,9 @@ class BuildConfig:
         val_fraction: share of subjects held out for validation (at least one).
         seed: makes patch positions, splits' tie-breaks and simulations reproducible.
         strict: turn a skipped input into an error instead of a manifest entry.
+        resize_inplane: 2D slice families (patch_size (H, W, 1)): slices are resized in-plane to
+            (H, W) and z keeps the input's slices, instead of resampling to ``spacing``;
+            inference reads it back (DataInfo.resize_inplane).
     """
 
     patch_size: tuple[int, int, int] = (32, 32, 32)
@@ -58,6 +62,7 @@ class BuildConfig:
     val_fraction: float = 0.25
     seed: int = 0
     strict: bool = False
+    resize_inplane: bool = False
 
     @property
     def window(self) -> dict[str, float]:
@@ -70,12 +75,15 @@ class SubjectSource:
 
     ``make_rows(rng, split)`` returns the patch rows and the manifest statistics (shape,
     spacing, hu); it raises NiftiError or ValueError for an input that must be skipped.
+    ``split`` fixes the subject's split (e.g. a user's own test folder); None lets
+    :func:`assign_splits` decide. Once any source fixes its split, the others train.
     """
 
     subject: str
     paths: dict[str, str]
     checksums: dict[str, str]
     make_rows: Callable[[np.random.Generator, str], tuple[list[Row], dict[str, Any]]]
+    split: str | None = None
 
 
 class BuildError(RuntimeError):
@@ -154,6 +162,17 @@ def assign_splits(subjects: Sequence[str], val_fraction: float, seed: int) -> di
     return {s: ("val" if i < n_val else "train") for i, s in enumerate(ranked)}
 
 
+def _splits(sources: Sequence[SubjectSource], config: BuildConfig) -> dict[str, str]:
+    """Fixed splits where sources give one (the rest train), else a stable random split."""
+    fixed = {s.subject: s.split for s in sources if s.split is not None}
+    bad = sorted({v for v in fixed.values() if v not in SPLITS})
+    if bad:
+        raise BuildError(f"unknown split(s) {bad}; valid: {', '.join(SPLITS)}")
+    if not fixed:
+        return assign_splits([s.subject for s in sources], config.val_fraction, config.seed)
+    return {s.subject: fixed.get(s.subject, "train") for s in sources}
+
+
 def _reusable(
     old: Manifest | None, out: Path, source: SubjectSource, split: str
 ) -> InputRecord | None:
@@ -194,12 +213,14 @@ def build_shards(
             old = candidate
     except FileNotFoundError:
         pass
+    if config.strict and skipped:
+        raise BuildError("; ".join(f"{s['path']}: {s['reason']}" for s in skipped))
     if not sources:
         raise BuildError(
             "no usable inputs"
             + (": " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) if skipped else "")
         )
-    splits = assign_splits([s.subject for s in sources], config.val_fraction, config.seed)
+    splits = _splits(sources, config)
     manifest = Manifest(
         family=family,
         build=build,
@@ -215,7 +236,7 @@ def build_shards(
         split = splits[source.subject]
         rec = _reusable(old, out, source, split)
         if rec is not None:
-            manifest.inputs.append(rec)
+            manifest.inputs.append(dataclasses.replace(rec, paths=source.paths))
             manifest.columns = old.columns if old else manifest.columns
             reused += 1
             continue
@@ -227,6 +248,8 @@ def build_shards(
             if config.strict:
                 raise BuildError(f"{source.subject}: {reason}") from err
             path = next(iter(source.paths.values()), source.subject)
+            if isinstance(err, NiftiError) and err.path in source.paths.values():
+                path = err.path  # the file at fault (e.g. the B of an A/B pair)
             manifest.skipped.append({"path": path, "reason": reason})
             log.warning("skipped %s: %s", path, reason)
             continue

@@ -36,3 +36,33 @@ def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("phantom_shards")
     build(out=out, phantom=3, config=TINY, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run `experiments/tune_phase_gan.py --smoke-test` once; returns the export folder.
+
+    The folder holds one exported model, ``smoke``, as a user's tune run would leave it.
+    """
+    import sys
+
+    root = tmp_path_factory.mktemp("smoke")
+    scripts = str(Path(__file__).resolve().parents[2] / "experiments")
+    sys.path.insert(0, scripts)
+    try:
+        import tune_phase_gan
+    finally:
+        sys.path.remove(scripts)
+    rc = tune_phase_gan.main(
+        [
+            "--smoke-test",
+            "--storage",
+            str(root / "runs"),
+            "--export",
+            str(root / "exported"),
+            "--name",
+            "smoke",
+        ]
+    )
+    assert rc == 0, "the smoke-test run failed"
+    return root / "exported"

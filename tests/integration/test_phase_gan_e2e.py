@@ -87,25 +87,13 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
     assert abs(float(out[0, 0, 0]) - float(vol.array[0, 0, 0])) < 50
 
 
-def test_smoke_test_script(ray_session, tmp_path):
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import tune_phase_gan
-    finally:
-        sys.path.pop(0)
-    rc = tune_phase_gan.main(
-        [
-            "--smoke-test",
-            "--storage",
-            str(tmp_path / "runs"),
-            "--export",
-            str(tmp_path / "exported"),
-            "--name",
-            "smoke",
-        ]
-    )
-    assert rc == 0
-    assert (tmp_path / "exported" / "smoke" / "model.json").is_file()
+def test_smoke_test_script_exports_a_servable_model(smoke_export):
+    from ctray.modeldir import find_models, load_model
+
+    assert [p.name for p in find_models(smoke_export)] == ["smoke"]
+    model = load_model(smoke_export / "smoke")
+    assert model.spec.name == "phase_gan"
+    assert set(model.models) == {"encoder", "phase_code", "generator"}
 
 
 def _trial_rows(experiment: Path) -> dict[str, int]:

@@ -58,6 +58,20 @@ def test_wrong_scalar_type_is_rejected() -> None:
         from_dict(BuildConfig, {"seed": "1"})
 
 
+def test_bool_is_not_accepted_as_a_number() -> None:
+    """YAML `yes`/`true` in a numeric field is a typo, not 1 (float fields already refuse it)."""
+    with pytest.raises(ConfigError, match=r"lr_g=True should be float"):
+        from_dict(PhaseGANConfig, {"lr_g": True})
+    with pytest.raises(ConfigError, match=r"vit_layers=True should be int"):
+        from_dict(PhaseGANConfig, {"vit_layers": True})
+
+
+def test_scalar_for_a_tuple_field_is_rejected() -> None:
+    """`patch_size: 32` must not silently become BuildConfig(patch_size=32)."""
+    with pytest.raises(ConfigError, match=r"patch_size"):
+        from_dict(BuildConfig, {"patch_size": 32})
+
+
 def test_list_becomes_tuple_with_coerced_items() -> None:
     cfg = from_dict(BuildConfig, {"patch_size": [16, 16, 8], "spacing": [1, 2, 3.5]})
     assert cfg.patch_size == (16, 16, 8) and isinstance(cfg.patch_size, tuple)

@@ -6,8 +6,8 @@
 * real multi-phase studies: one folder per patient, one file per phase named by phase.
 
 Training rows carry the semi-paired observed volumes (misaligned, different noise and
-z-coverage); validation rows carry the voxel-aligned truth, so validation measures the
-translation, not the registration error. Real studies have no aligned truth: their `truth`
+z-coverage); validation rows pair a noisy input aligned with the noise-free truth of the target
+phase, so validation measures translation (and denoising), not registration error. Real studies have no aligned truth: their `truth`
 is the observed target.
 """
 
@@ -102,6 +102,7 @@ class _Phases:
 
     observed: dict[int, np.ndarray]
     truth: dict[int, np.ndarray]
+    val_inputs: dict[int, np.ndarray]
     z_ranges: dict[int, tuple[int, int]]
     labels: np.ndarray
     volume: Volume
@@ -110,12 +111,18 @@ class _Phases:
 def _simulated(
     native: Volume, ts_labels: np.ndarray, *, seed: int, opts: PhaseGANDataOptions
 ) -> _Phases:
-    sim = simulate_phases(
-        native, ts_labels, seed=seed, config=SimulatorConfig(semi_paired=opts.semi_paired)
-    )
+    sim_config = SimulatorConfig(semi_paired=opts.semi_paired)
+    sim = simulate_phases(native, ts_labels, seed=seed, config=sim_config)
+    rng = np.random.default_rng([seed, 99])
+    lo, hi = sim_config.noise_sd_range
     return _Phases(
         observed={p: s.observed for p, s in sim.items()},
         truth={p: s.truth for p, s in sim.items()},
+        # Validation inputs: aligned with the truth, but with scanner noise like real inputs.
+        val_inputs={
+            p: (s.truth + rng.normal(0.0, rng.uniform(lo, hi), s.truth.shape)).astype(np.float32)
+            for p, s in sim.items()
+        },
         z_ranges={p: s.z_range for p, s in sim.items()},
         labels=coarse_labels(ts_labels, native.array),
         volume=native,
@@ -142,6 +149,7 @@ def _rows(
 
     obs = {p: norm(a) for p, a in data.observed.items()}
     truth = {p: norm(a) for p, a in data.truth.items()}
+    inputs = obs if split == "train" else {p: norm(a) for p, a in data.val_inputs.items()}
     labels = pad_to(data.labels, patch, 0)
     starts = [r[0] for r in data.z_ranges.values()]
     stops = [r[1] for r in data.z_ranges.values()]
@@ -152,11 +160,10 @@ def _rows(
     ):
         chosen = rng.choice(len(pairs), size=min(opts.pairs_per_patch, len(pairs)), replace=False)
         for src, tgt in (pairs[i] for i in chosen):
-            source = truth[src] if split == "val" else obs[src]
             target = truth[tgt] if split == "val" else obs[tgt]
             rows.append(
                 {
-                    "source": crop(source, origin, patch),
+                    "source": crop(inputs[src], origin, patch),
                     "target": crop(target, origin, patch),
                     "truth": crop(truth[tgt], origin, patch),
                     "labels": crop(labels, origin, patch),
@@ -295,6 +302,7 @@ def _study_sources(
             data = _Phases(
                 observed=arrays,
                 truth=arrays,
+                val_inputs=arrays,
                 z_ranges={p: (0, ref.shape[2]) for p in arrays},
                 labels=coarse_labels(None, native),
                 volume=ref,

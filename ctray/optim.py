@@ -1,0 +1,33 @@
+"""Learning-rate schedules that live inside a family's train step (the loop has no hook).
+
+Setting the optimisers' ``lr`` from the epoch at every step keeps the schedule stateless: a
+resumed run lands on the right rate with no scheduler state to checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["constant_then_linear", "set_lr"]
+
+
+def constant_then_linear(epoch: int, num_epochs: int, decay_epochs: int) -> float:
+    """pix2pix's ``linear`` policy: factor 1 for the first epochs, then linear towards 0.
+
+    With ``n = num_epochs - decay_epochs`` constant epochs, epoch ``e`` (0-based) gets
+    ``1 - max(0, e + 1 - n) / (decay_epochs + 1)`` (Isola et al.'s code with epoch_count=1), so
+    the last epoch still trains at ``1 / (decay_epochs + 1)`` of the base rate.
+    """
+    if not 0 <= decay_epochs <= num_epochs:
+        raise ValueError(f"decay_epochs must be in [0, {num_epochs}], got {decay_epochs}")
+    constant = num_epochs - decay_epochs
+    return 1.0 - max(0, epoch + 1 - constant) / (decay_epochs + 1)
+
+
+def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:
+    """Set every param group of every optimiser to ``lr``."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr

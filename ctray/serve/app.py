@@ -1,0 +1,228 @@
+"""The Ray Serve application: one FastAPI ingress deployment hosting every model in a folder.
+
+Request path: auth -> model lookup -> conditioning -> body (size-limited) -> NIfTI validation,
+all in the ingress, so only well-formed volumes reach ``_batched``; there concurrent requests
+are grouped by model and handed to ``predict_volumes`` as one list (Serve dynamic batching).
+Inference runs on one worker thread per replica: the event loop keeps accepting, validating and
+encoding requests (and answering /healthz) while the model computes.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures (e.g.
+# `request: Request`) at runtime, and Serve ships the class by value, without this module's
+# globals, so string annotations could not be resolved inside a replica.
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ctray import __version__
+from ctray.data.nifti import Volume
+from ctray.inference import predict_volumes
+from ctray.modeldir import LoadedModel, load_model
+from ctray.serve.catalog import describe, discover
+from ctray.serve.config import ServeConfig
+from ctray.serve.errors import ApiError
+from ctray.serve.handling import (
+    check_content_length,
+    check_token,
+    decode_volume,
+    encode_volume,
+    parse_conditioning,
+    read_body,
+)
+
+log = logging.getLogger("ctray.serve")
+
+app = FastAPI(
+    title="ctray",
+    version=__version__,
+    description="3D CT image-to-image models: NIfTI in, NIfTI out on the input's grid.",
+)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+    detail = f"{exc.detail}: {request.method} {request.url.path}; see GET /docs for the routes"
+    return JSONResponse({"error": code, "detail": detail}, status_code=exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse({"error": "invalid_request", "detail": str(exc)}, status_code=422)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _Item:
+    """One validated request waiting for the model."""
+
+    model: str
+    volume: Volume
+    condition: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _Outcome:
+    """A prediction or the reason it failed; @serve.batch passes results through, not raises."""
+
+    array: np.ndarray | None = None
+    error: str | None = None
+    batch_size: int = 1
+    seconds: float = 0.0
+
+
+# Helpers live above the class: Serve pickles the class by value when it is decorated, so
+# names defined below it would be missing inside a replica.
+def _device(config: ServeConfig) -> torch.device:
+    if config.num_gpus_per_replica > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("num_gpus_per_replica > 0 but this replica sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@serve.deployment
+@serve.ingress(app)
+class CtrayModels:
+    """Every exported model below ``config.models``, loaded once per replica."""
+
+    def __init__(self, config: ServeConfig, token_digest: bytes | None = None) -> None:
+        self.config = config
+        self.token_digest = token_digest
+        self.device = _device(config)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))
+        paths = discover(config.models)
+        self.models: dict[str, LoadedModel] = {
+            name: load_model(path, device=self.device) for name, path in paths.items()
+        }
+        self.catalog = [describe(name, m.meta) for name, m in self.models.items()]
+        # One inference at a time per replica: a model is not shared between threads, and a
+        # CPU gains nothing from two forward passes fighting over the same cores.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctray-infer")
+        self._batched.set_max_batch_size(config.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a replica (not expected, but harmless)
+            self.replica = f"pid-{os.getpid()}"
+        log.info("ctray replica %s: %s on %s", self.replica, ", ".join(self.models), self.device)
+
+    # ----------------------------------------------------------------------------- routes
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": len(self.models), "replica": self.replica}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> list[dict[str, Any]]:
+        check_token(request.headers.get("authorization"), self.token_digest)
+        return self.catalog
+
+    @app.get("/v1/models/{name}")
+    async def get_model(self, name: str, request: Request) -> dict[str, Any]:
+        check_token(request.headers.get("authorization"), self.token_digest)
+        self._model(name)
+        return next(m for m in self.catalog if m["name"] == name)
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(self, name: str, request: Request) -> Response:
+        cfg = self.config
+        check_token(request.headers.get("authorization"), self.token_digest)
+        model = self._model(name)
+        condition = parse_conditioning(model.spec, request.query_params.multi_items())
+        check_content_length(request.headers, cfg.max_body_bytes)
+        body = await read_body(request.stream(), cfg.max_body_bytes)
+        volume = await asyncio.to_thread(
+            decode_volume, body, max_voxels=cfg.max_voxels, label="upload"
+        )
+        del body
+        item = _Item(model=name, volume=volume, condition=condition)
+        if cfg.batching:
+            outcome = await self._batched(item)
+        else:
+            loop = asyncio.get_running_loop()
+            outcome = (await loop.run_in_executor(self.executor, self._run, [item]))[0]
+        if outcome.array is None:
+            raise ApiError("internal_error", f"model {name!r} failed: {outcome.error}")
+        data = await asyncio.to_thread(encode_volume, outcome.array, volume.affine)
+        return Response(
+            content=data,
+            media_type="application/gzip",
+            headers={
+                "X-Ctray-Model": name,
+                "X-Ctray-Batch-Size": str(outcome.batch_size),
+                "X-Ctray-Inference-Ms": f"{outcome.seconds * 1000:.1f}",
+                "Content-Disposition": f'attachment; filename="{name}.nii.gz"',
+            },
+        )
+
+    # ----------------------------------------------------------------------------- model work
+
+    def _model(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            raise ApiError(
+                "unknown_model",
+                f"no model {name!r}; available: {', '.join(sorted(self.models))}",
+            )
+        return self.models[name]
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
+    async def _batched(self, items: list[_Item]) -> list[_Outcome]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run, items)
+
+    def _run(self, items: list[_Item]) -> list[_Outcome]:
+        """Predict a list of requests; a failure costs only the requests it belongs to."""
+        groups: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.model, []).append(i)
+        outcomes: list[_Outcome] = [_Outcome(error="not run")] * len(items)
+        for name, indices in groups.items():
+            group = [items[i] for i in indices]
+            results = self._predict(name, group)
+            if results is None and len(group) > 1:  # isolate the request that broke the batch
+                results = [(self._predict(name, [it]) or [None])[0] for it in group]
+            for i, result in zip(indices, results or [None] * len(group), strict=True):
+                outcomes[i] = result or _Outcome(error="prediction failed; see the server log")
+        return outcomes
+
+    def _predict(self, name: str, group: list[_Item]) -> list[_Outcome] | None:
+        start = time.perf_counter()
+        try:
+            arrays = predict_volumes(
+                self.models[name],
+                [it.volume for it in group],
+                [it.condition for it in group],
+                overlap=self.config.overlap,
+                sw_batch_size=self.config.sw_batch_size * len(group),
+            )
+        except Exception:
+            log.exception("prediction with %s failed for a batch of %d", name, len(group))
+            return None
+        seconds = time.perf_counter() - start
+        return [_Outcome(array=a, batch_size=len(group), seconds=seconds) for a in arrays]
+
+
+def build_app(config: ServeConfig) -> serve.Application:
+    """The bound application for ``serve.run``; the token reaches replicas only as a digest."""
+    discover(config.models)  # fail in the caller, with a readable message, not in a replica
+    public = replace(config, token=None)
+    return CtrayModels.options(**config.deployment_options()).bind(public, config.token_digest())

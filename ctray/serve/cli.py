@@ -1,0 +1,120 @@
+"""`ctray serve`, `ctray predict` and `ctray models`: added to the main parser by ctray.cli."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from ctray.config import ConfigError
+
+TOKEN_ENV = "CTRAY_SERVE_TOKEN"
+URL_ENV = "CTRAY_SERVE_URL"
+
+
+def add_commands(sub: Any) -> None:
+    """Register the three serving subcommands on the `ctray` subparsers object."""
+    s = sub.add_parser("serve", help="host every exported model in a folder over HTTP (Ray Serve)")
+    s.add_argument("--models", required=True, help="folder of exported models (EXPORT/<name>/)")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--token", help=f"bearer token for every route but /healthz (or ${TOKEN_ENV})")
+    s.add_argument("--max-body-mb", type=float, default=256.0, help="largest upload (MiB)")
+    s.add_argument("--max-voxels", type=int, help="largest volume a header may claim")
+    s.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling minimum)")
+    s.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this")
+    s.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    s.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    s.add_argument("--max-batch-size", type=int, default=4)
+    s.add_argument("--batch-wait-ms", type=float, default=20.0)
+    s.add_argument("--no-batching", action="store_true", help="one request per forward pass")
+    s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
+    s.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    s.add_argument("--address", help="join a running Ray cluster instead of starting one")
+    s.set_defaults(func=_serve)
+
+    p = sub.add_parser("predict", help="send a NIfTI to a running `ctray serve`")
+    p.add_argument("input", metavar="IN", help=".nii or .nii.gz volume")
+    p.add_argument("-o", "--out", required=True, help="where to write the .nii.gz prediction")
+    p.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8000"))
+    p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
+    p.add_argument("--target-phase", help="shorthand for --cond target_phase=VALUE")
+    p.add_argument("--cond", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--token", help=f"bearer token (or ${TOKEN_ENV})")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds")
+    p.set_defaults(func=_predict)
+
+    m = sub.add_parser("models", help="list exported models in a folder, with their metrics")
+    m.add_argument("dir", help="folder of exported models")
+    m.set_defaults(func=_models)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ctray.serve.config import DEFAULT_MAX_VOXELS, ServeConfig
+    from ctray.serve.server import start, stop
+
+    config = ServeConfig(
+        models=args.models,
+        host=args.host,
+        port=args.port,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        max_body_mb=args.max_body_mb,
+        max_voxels=args.max_voxels or DEFAULT_MAX_VOXELS,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        num_cpus_per_replica=args.num_cpus_per_replica,
+        num_gpus_per_replica=args.num_gpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        batching=not args.no_batching,
+        max_ongoing_requests=args.max_ongoing_requests,
+        overlap=args.overlap,
+    )
+    try:
+        url = start(config, address=args.address)
+    except RuntimeError as err:  # a replica could not start (its traceback is in the log above)
+        print(f"error: could not deploy {config.models}: {err}", file=sys.stderr)
+        stop(config, shutdown=args.address is None)
+        return 1
+    auth = "bearer token required" if config.token else "no token (open)"
+    print(f"ctray serve: models from {config.models} at {url}  ({auth}; Ctrl-C to stop)")
+    print(f"  try: curl -sS {url}/healthz", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+    finally:
+        stop(config, shutdown=args.address is None)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ctray.serve.client import CtrayClient, ServeError
+
+    conditioning = {}
+    for item in args.cond:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--cond needs KEY=VALUE, got {item!r}")
+        conditioning[key] = value
+    if args.target_phase is not None:
+        conditioning["target_phase"] = args.target_phase
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        with CtrayClient(args.url, token, timeout=args.timeout) as client:
+            out = client.predict_file(args.input, args.out, args.model, **conditioning)
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if err.status >= 500 else 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ctray.serve.catalog import table
+
+    print(table(args.dir))
+    return 0

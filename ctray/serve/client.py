@@ -1,0 +1,101 @@
+"""A small HTTP client for a running `ctray serve` (httpx only: no Ray, no torch).
+
+client = CtrayClient("http://127.0.0.1:8000", token=os.environ.get("CTRAY_SERVE_TOKEN"))
+client.predict_file("ct.nii.gz", "venous.nii.gz", "phase_gan_best", target_phase="venous")
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+
+class ServeError(RuntimeError):
+    """The server answered with an error (status >= 400), or could not be reached (status 0)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+class CtrayClient:
+    """Calls the routes of docs/serving.md; every error becomes a ServeError with the reason."""
+
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 300.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CtrayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/healthz").json()
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/models").json()
+
+    def predict(self, data: str | os.PathLike | bytes, model: str, **conditioning: Any) -> bytes:
+        """Send a .nii/.nii.gz (path or bytes); returns the prediction as .nii.gz bytes."""
+        body = data if isinstance(data, bytes) else Path(data).read_bytes()
+        response = self._call(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}/predict",
+            params={k: str(v) for k, v in conditioning.items()},
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        return response.content
+
+    def predict_file(
+        self,
+        in_path: str | os.PathLike,
+        out_path: str | os.PathLike,
+        model: str,
+        **conditioning: Any,
+    ) -> Path:
+        """Predict ``in_path`` and write the result atomically to ``out_path`` (.nii.gz)."""
+        data = self.predict(in_path, model, **conditioning)
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kw)
+        except httpx.TimeoutException as err:
+            raise ServeError(0, f"{self.url}: no answer in time ({err!r})") from err
+        except httpx.HTTPError as err:
+            raise ServeError(0, f"cannot reach {self.url}: {err}") from err
+        if response.status_code >= 400:
+            raise ServeError(response.status_code, _message(response))
+        return response
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return f"{body['error']}: {body['detail']}"
+    except Exception:
+        text = response.text.strip()
+        return text[:500] if text else response.reason_phrase

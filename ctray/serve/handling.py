@@ -1,0 +1,105 @@
+"""Request checks done in the ingress, before a request may join a batch.
+
+Everything a client can get wrong is caught here and turned into an ApiError (a 4xx), so a bad
+upload never reaches the model, never fails a batch it shares with others, and never costs a
+replica. No Ray in this module: it is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import math
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ctray.data.nifti import NiftiError, Volume, load_nifti, nifti_bytes, read_header_shape
+from ctray.registry import FamilySpec
+from ctray.serve.errors import ApiError
+
+
+def check_token(authorization: str | None, digest: bytes | None) -> None:
+    """Require ``Authorization: Bearer <token>`` when a token is configured.
+
+    Digests are compared with hmac.compare_digest, so timing says nothing about the token.
+    """
+    if digest is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError("unauthorized", "missing bearer token: send 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), digest):
+        raise ApiError("unauthorized", "wrong bearer token")
+
+
+def parse_conditioning(spec: FamilySpec, query: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Query parameters -> the family's parsed conditioning; the message lists valid values."""
+    given: dict[str, str] = {}
+    for key, value in query:
+        if key in given:
+            raise ApiError("invalid_conditioning", f"query parameter {key!r} given twice")
+        given[key] = value
+    try:
+        return spec.parse_conditioning(given)
+    except (ValueError, KeyError) as err:
+        raise ApiError("invalid_conditioning", str(err.args[0] if err.args else err)) from err
+
+
+def check_content_length(headers: Mapping[str, str], limit: int) -> None:
+    """Refuse a declared body over the limit before reading a byte of it."""
+    declared = headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        size = int(declared)
+    except ValueError:
+        raise ApiError("invalid_request", f"bad Content-Length header {declared!r}") from None
+    if size > limit:
+        raise ApiError("body_too_large", _too_large(size, limit))
+
+
+async def read_body(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    """Collect a streamed body, stopping as soon as it passes the limit (chunked uploads)."""
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise ApiError("body_too_large", _too_large(total, limit, at_least=True))
+        parts.append(chunk)
+    if total == 0:
+        raise ApiError("empty_body", "empty request body: send the .nii or .nii.gz file's bytes")
+    return b"".join(parts)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+    more = "at least " if at_least else ""
+    return (
+        f"request body is {more}{size / 2**20:.1f} MiB, over the server's limit of "
+        f"{limit / 2**20:.1f} MiB; send a gzip-compressed NIfTI (.nii.gz) or crop the volume"
+    )
+
+
+def decode_volume(body: bytes, *, max_voxels: int, label: str = "upload") -> Volume:
+    """Validate and load an uploaded NIfTI; size is checked from the header first."""
+    try:
+        shape = read_header_shape(body, name=label, max_voxels=2**62)
+        voxels = math.prod(shape)
+        if voxels > max_voxels:
+            raise ApiError(
+                "volume_too_large",
+                f"{label}: header claims {voxels:,} voxels (shape {shape}), over the server's "
+                f"limit of {max_voxels:,}; crop or downsample the volume",
+            )
+        return load_nifti(body, name=label, max_voxels=max_voxels)
+    except NiftiError as err:
+        raise ApiError("invalid_nifti", str(err)) from err
+
+
+def encode_volume(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """HU prediction -> .nii.gz bytes (int16, input affine); fast gzip since it is per request."""
+    raw = nifti_bytes(array, affine, dtype=np.int16, compress=False)
+    return gzip.compress(raw, compresslevel=1, mtime=0)
