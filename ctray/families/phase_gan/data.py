@@ -7,8 +7,8 @@
 
 Training rows carry the semi-paired observed volumes (misaligned, different noise and
 z-coverage); validation rows pair a noisy input aligned with the noise-free truth of the target
-phase, so validation measures translation (and denoising), not registration error. Real studies have no aligned truth: their `truth`
-is the observed target.
+phase, so validation measures translation (and denoising), not registration error. Real
+studies have no aligned truth: their `truth` is the observed target.
 """
 
 from __future__ import annotations
