@@ -38,6 +38,8 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
 ):
     from ctray.inference import predict_volume
     from ctray.modeldir import load_model
+    from ctray.train.trainer import Resources
+    from ctray.train.trainer import Resources
     from ctray.tune.export import export_best
     from ctray.tune.runner import TuneSettings, run_tune
     from ctray.tune.search_space import parse_search_space
@@ -61,6 +63,7 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
         storage_path=str(tmp_path / "runs"),
         name="it",
         settings=settings,
+        resources=Resources(workers=2),  # two DDP ranks (gloo) per trial
     )
     assert len(grid) == 2 and not grid.errors
     path, metrics = export_best(grid, "phase_gan", tmp_path / "exported" / "best", experiment="it")

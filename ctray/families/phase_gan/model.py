@@ -51,6 +51,11 @@ class ViTEncoder(nn.Module):
             spatial_dims=3,
         )
         self.hidden = hidden
+        # MONAI's transformer blocks always create a cross-attention norm, unused without
+        # cross-attention; frozen, so DDP does not wait for gradients that never come.
+        for name, param in self.vit.named_parameters():
+            if "norm_cross_attn" in name:
+                param.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, _ = self.vit(x)

@@ -53,7 +53,6 @@ class _Level(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         self.model = nn.Sequential(*layers)
-        self.up = up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.model(x)
@@ -83,8 +82,9 @@ class UNetGenerator(nn.Module):
         self.tanh = nn.Tanh()
         init_weights(self)
         if residual:  # start as the identity: the output layer adds nothing
-            nn.init.zeros_(self.net.up.weight)
-            nn.init.zeros_(self.net.up.bias)
+            out_layer = self.net.model[-1]
+            nn.init.zeros_(out_layer.weight)
+            nn.init.zeros_(out_layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factor = 2**self.depth

@@ -28,16 +28,16 @@ def build_models(cfg: Pix2PixConfig, data: DataInfo) -> Models:
     size = tuple(data.patch_size)
     if len(size) == 3 and size[2] != 1:
         raise ValueError(f"pix2pix trains on 2D slices: patch_size must be (H, W, 1), got {size}")
-    factor = 2**cfg.num_downs
-    if size[0] % factor or size[1] % factor:
+    depth = cfg.num_downs(min(size[:2]))
+    if size[0] % 2**depth or size[1] % 2**depth:
         raise ValueError(
-            f"{cfg.generator if cfg.depth is None else f'depth {cfg.depth}'} needs slices that are "
-            f"multiples of {factor} px, got {size[:2]}; set depth <= log2(slice size) or "
-            "resize_to accordingly (unet_256: 256, unet_512: 512)"
+            f"a U-Net of depth {depth} needs slices that are multiples of {2**depth} px, got "
+            f"{size[:2]}; use resize_to 256 (unet_256) / 512 (unet_512), or set depth or "
+            "bottleneck (e.g. bottleneck=1 fits any power-of-2 size)"
         )
     return {
         "generator": UNetGenerator(
-            depth=cfg.num_downs,
+            depth=depth,
             ngf=cfg.ngf,
             norm=cfg.norm,
             dropout=cfg.dropout,

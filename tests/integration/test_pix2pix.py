@@ -1,0 +1,134 @@
+"""pix2pix end to end with real Ray: tune -> export -> load -> predict a NIfTI on its own grid;
+shards from the real CT (A native, B its simulated venous phase) train through Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctray.data.build import BuildConfig
+from ctray.data.nifti import load_nifti, save_nifti
+from ctray.data.phases import SimulatorConfig, parse_phase, simulate_phases
+
+TINY = BuildConfig(window_lo=-1000.0, window_hi=1000.0)
+
+
+@pytest.fixture(scope="module")
+def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from ctray.families.pix2pix.data import build
+
+    out = tmp_path_factory.mktemp("p2p_shards")
+    opts = {"resize_to": 32, "max_slices": 6}
+    build(out=out, phantom=3, config=TINY, options=opts, progress=False)
+    return out
+
+
+def test_tune_exports_a_model_that_predicts_a_volume(ray_session, phantom_pairs, tmp_path):
+    from ctray.families.pix2pix.data import phantom_pair
+    from ctray.families.pix2pix.evaluate import evaluate_pair
+    from ctray.inference import predict_volume
+    from ctray.modeldir import load_model
+    from ctray.tune.export import export_best
+    from ctray.tune.runner import TuneSettings, run_tune
+    from ctray.tune.search_space import parse_search_space
+
+    space = parse_search_space(
+        {
+            "family": "pix2pix",
+            "preset": "debug",
+            "params": {"lambda_l1": {"loguniform": [10.0, 200.0]}},
+        }
+    )
+    settings = TuneSettings(
+        num_samples=2, epochs=2, batch_size=4, max_train_batches=3, max_val_batches=2
+    )
+    grid = run_tune(
+        space=space,
+        data_dir=phantom_pairs,
+        storage_path=str(tmp_path / "runs"),
+        name="p2p",
+        settings=settings,
+    )
+    assert len(grid) == 2 and not grid.errors
+    path, _ = export_best(grid, "pix2pix", tmp_path / "exported" / "best", experiment="p2p")
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["family"] == "pix2pix" and meta["modules"] == ["generator"]
+    assert meta["data"]["patch_size"] == [32, 32, 1]
+    for key in ("mae_hu", "identity_mae_hu", "psnr", "ssim"):
+        assert np.isfinite(meta["metrics"][key])
+
+    model = load_model(path)
+    a, b = phantom_pair(7)  # a subject the model never saw
+    vol = a.array[::-1].copy()  # LAS orientation: the model must undo it
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0]) @ a.affine
+    src = save_nifti(tmp_path / "a.nii.gz", vol, affine)
+    loaded = load_nifti(src)
+    out = predict_volume(model, loaded, {}, sw_batch_size=8)
+    assert out.shape == loaded.shape and np.isfinite(out).all()
+    written = save_nifti(tmp_path / "out.nii.gz", out, loaded.affine)
+    np.testing.assert_allclose(nib.load(written).affine, nib.load(src).affine)
+    per_volume = evaluate_pair(model, a, b, sw_batch_size=16)
+    assert np.isfinite(per_volume["mae_hu"]) and per_volume["identity_mae_hu"] > 0
+
+    if "resize_inplane" not in meta["data"]:
+        pytest.xfail(
+            "ctray.train.trainer.data_info does not carry resize_inplane yet: the export "
+            "resamples to the manifest spacing instead of resizing slices"
+        )
+    assert model.data.resize_inplane
+
+
+def _real_pairs(real_ct_dir: Path, root: Path) -> Path:
+    native = load_nifti(real_ct_dir / "abdomen_native.nii.gz")
+    labels = load_nifti(real_ct_dir / "abdomen_native_seg.nii.gz", dtype=np.uint8).array
+    for split, name, seed in (("train", "abdomen", 0), ("test", "abdomen_sim1", 1)):
+        sim = simulate_phases(
+            native,
+            labels,
+            seed=seed,
+            phases=("native", "venous"),
+            config=SimulatorConfig(semi_paired=False),
+        )
+        save_nifti(root / f"{split}A" / f"{name}.nii.gz", native.array, native.affine)
+        venous = sim[parse_phase("venous")].truth
+        save_nifti(root / f"{split}B" / f"{name}.nii.gz", venous, native.affine)
+    return root
+
+
+def test_real_ct_pairs_build_shards_and_train(ray_session, real_ct_dir, tmp_path):
+    from ctray.config import from_dict
+    from ctray.families.pix2pix.data import build
+    from ctray.families.pix2pix.spec import SPEC
+    from ctray.train.loop import LoopConfig
+    from ctray.train.trainer import make_trainer
+
+    root = _real_pairs(real_ct_dir, tmp_path / "pairs")
+    out = tmp_path / "shards"
+    manifest = build(out=out, inputs=root, config=TINY, options={"resize_to": 64}, progress=False)
+    assert manifest.skipped == []
+    assert {r.subject: r.split for r in manifest.inputs} == {
+        "abdomen": "train",
+        "abdomen_sim1": "val",
+    }
+    assert manifest.inputs[0].shape == [122, 101, 30]
+    assert 10 <= manifest.counts["train"] <= 30  # slices with >= 5% body
+
+    trainer = make_trainer(
+        spec=SPEC,
+        loop=LoopConfig(
+            family="pix2pix", epochs=2, batch_size=4, max_train_batches=3, max_val_batches=2
+        ),
+        family_config=from_dict(SPEC.config_cls, SPEC.preset("debug")),
+        data_dir=out,
+        storage_path=str(tmp_path / "runs"),
+        name="real",
+    )
+    result = trainer.fit()
+    assert result.error is None
+    assert result.metrics["epoch"] == 1
+    assert np.isfinite(result.metrics["val/mae_hu"])
+    assert result.metrics["val/identity_mae_hu"] > 0  # venous differs from native in organs
