@@ -123,11 +123,7 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     meta = read_meta(path)
     spec = get_family(meta["family"])
     config = from_dict(spec.config_cls, meta["family_config"], where=f"{path / META}")
-    data = DataInfo(
-        patch_size=tuple(meta["data"]["patch_size"]),
-        spacing=tuple(meta["data"]["spacing"]),
-        window=dict(meta["data"]["window"]),
-    )
+    data = DataInfo.from_dict(meta["data"])
     built = spec.build_models(config, data)
     tensors = load_file(str(path / WEIGHTS))
     models = {}

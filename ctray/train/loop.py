@@ -150,11 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop = from_dict(LoopConfig, config["loop"], where="loop config")
     spec: FamilySpec = get_family(loop.family)
     family_cfg = from_dict(spec.config_cls, config["family_config"], where=f"{spec.name} config")
-    data = DataInfo(
-        patch_size=tuple(config["data"]["patch_size"]),
-        spacing=tuple(config["data"]["spacing"]),
-        window=dict(config["data"]["window"]),
-    )
+    data = DataInfo.from_dict(config["data"])
     ctx_train = ray.train.get_context()
     rank = ctx_train.get_world_rank()
     torch.manual_seed(loop.seed + rank)

@@ -12,7 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ctray.config import to_dict
 from ctray.data.shards import Manifest, load_manifest
-from ctray.registry import FamilySpec
+from ctray.registry import DataInfo, FamilySpec
 from ctray.train.loop import LoopConfig, train_loop_per_worker
 
 
@@ -48,11 +48,8 @@ class Resources:
 
 
 def data_info(manifest: Manifest) -> dict[str, Any]:
-    return {
-        "patch_size": manifest.patch_size,
-        "spacing": manifest.spacing,
-        "window": manifest.window,
-    }
+    """The data geometry a model is trained in, as stored in checkpoints and model.json."""
+    return DataInfo.from_manifest(manifest).as_dict()
 
 
 def datasets(

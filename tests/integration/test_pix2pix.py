@@ -74,11 +74,7 @@ def test_tune_exports_a_model_that_predicts_a_volume(ray_session, phantom_pairs,
     per_volume = evaluate_pair(model, a, b, sw_batch_size=16)
     assert np.isfinite(per_volume["mae_hu"]) and per_volume["identity_mae_hu"] > 0
 
-    if "resize_inplane" not in meta["data"]:
-        pytest.xfail(
-            "ctray.train.trainer.data_info does not carry resize_inplane yet: the export "
-            "resamples to the manifest spacing instead of resizing slices"
-        )
+    assert meta["data"]["resize_inplane"] is True
     assert model.data.resize_inplane
 
 

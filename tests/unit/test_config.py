@@ -144,9 +144,9 @@ def test_get_family_returns_spec() -> None:
 
 def test_unknown_family_lists_valid_families() -> None:
     with pytest.raises(KeyError) as info:
-        get_family("pix2pix")
+        get_family("cyclegan")
     msg = info.value.args[0]
-    assert msg == f"unknown family 'pix2pix'; valid families: {', '.join(family_names())}"
+    assert msg == f"unknown family 'cyclegan'; valid families: {', '.join(family_names())}"
 
 
 def test_unknown_preset_lists_valid_presets() -> None:

@@ -98,7 +98,7 @@ def test_rows_are_windowed_slices_with_a_body_mask(messy: Path, tmp_path: Path) 
     assert m.window == {"lo": -1000.0, "hi": 1000.0}
     table = read_split(tmp_path / "out", "train")
     a, b = column_numpy(table["a"])[0], column_numpy(table["b"])[0]
-    assert a.shape == (16, 16) and a.dtype == np.float32 and 0.0 <= a.min() and a.max() <= 1.0
+    assert a.shape == (16, 16) and a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0
     inside = column_numpy(table["labels"])[0] > 0
     assert inside.any() and not inside.all()
     # B = A + 30 HU: the window keeps HU (no per-slice rescaling)
@@ -108,7 +108,7 @@ def test_rows_are_windowed_slices_with_a_body_mask(messy: Path, tmp_path: Path) 
 
 def test_strict_turns_a_skip_into_an_error(messy: Path, tmp_path: Path) -> None:
     strict = BuildConfig(strict=True)
-    with pytest.raises(BuildError, match="partner|NIfTI"):
+    with pytest.raises(BuildError, match=r"partner|NIfTI"):
         build(out=tmp_path / "out", inputs=messy, config=strict, options=OPTS, progress=False)
 
 

@@ -31,7 +31,7 @@ def test_generator_depths_keep_the_slice_shape(name: str, size: int) -> None:
     assert gen.depth == {"unet_256": 8, "unet_512": 9}[name]
     with torch.no_grad():
         y = gen(torch.rand(1, 1, size, size))
-    assert y.shape == (1, 1, size, size) and 0 <= y.min() and y.max() <= 1
+    assert y.shape == (1, 1, size, size) and y.min() >= 0 and y.max() <= 1
     dropouts = [m for m in gen.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropouts) == gen.depth - 5 and all(d.p == 0.5 for d in dropouts)
 
@@ -39,7 +39,12 @@ def test_generator_depths_keep_the_slice_shape(name: str, size: int) -> None:
 def test_depth_too_deep_for_the_slices_is_refused() -> None:
     with pytest.raises(ValueError, match="multiples of 256"):
         SPEC.build_models(Pix2PixConfig(ngf=4, ndf=4), _data(128))
-    SPEC.build_models(Pix2PixConfig(ngf=4, ndf=4, depth=7), _data(128))
+    assert SPEC.build_models(Pix2PixConfig(ngf=4, depth=6), _data(128))["generator"].depth == 6
+    for bottleneck, depth in ((1, 7), (2, 6), (4, 5)):
+        cfg = Pix2PixConfig(ngf=4, bottleneck=bottleneck)
+        assert SPEC.build_models(cfg, _data(128))["generator"].depth == depth
+    with pytest.raises(ValueError, match="bottleneck 3"):
+        SPEC.build_models(Pix2PixConfig(ngf=4, bottleneck=3), _data(128))
 
 
 def test_residual_generator_starts_as_the_identity() -> None:
@@ -47,6 +52,9 @@ def test_residual_generator_starts_as_the_identity() -> None:
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(gen(x), x)
+    # every tensor once in the state dict (safetensors refuses shared storage)
+    ptrs = [t.data_ptr() for t in gen.state_dict().values()]
+    assert len(ptrs) == len(set(ptrs))
 
 
 def test_discriminator_is_conditioned_on_the_input() -> None:
