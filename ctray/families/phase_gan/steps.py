@@ -17,6 +17,7 @@ from monai.networks.nets import PatchDiscriminator
 
 from ctray.data.nifti import HUWindow
 from ctray.metrics import image_metrics
+from ctray.nn.gan import discriminator_step, gan_loss, last_logits
 from ctray.nn.grl import grad_reverse, grl_lambda
 from ctray.registry import Batch, DataInfo, Models, Optimizers, StepContext
 
@@ -103,31 +104,6 @@ def semi_paired_l1(pred: torch.Tensor, target: torch.Tensor, pool: int) -> torch
     return F.l1_loss(pred, target)
 
 
-def _logits(d_out: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """MONAI's PatchDiscriminator returns every layer's features; the last are the logits."""
-    return d_out[-1] if isinstance(d_out, list | tuple) else d_out
-
-
-def discriminator_step(ctx: StepContext, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """One D update on a detached fake: no gradient can reach the generator.
-
-    Real and fake go through one forward pass (instance norm keeps samples independent),
-    which DDP requires when a module is used once per backward.
-    """
-    disc, opt = ctx.models["discriminator"], ctx.optimizers["d"]
-    opt.zero_grad(set_to_none=True)
-    with ctx.autocast():
-        logits = _logits(disc(torch.cat((real, fake.detach()), dim=0)))
-        real_logits, fake_logits = logits.chunk(2, dim=0)
-        loss = 0.5 * (
-            F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-        )
-    loss.backward()
-    opt.step()
-    return float(loss.detach())
-
-
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     cfg: PhaseGANConfig = ctx.config
     m, opt = ctx.models, ctx.optimizers
@@ -166,8 +142,7 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     opt["g"].zero_grad(set_to_none=True)
     with ctx.autocast():
         fake = generate(m, x, tgt_phase)
-        adv_logits = _logits(m["discriminator"](fake))
-        loss_gan = F.binary_cross_entropy_with_logits(adv_logits, torch.ones_like(adv_logits))
+        loss_gan = gan_loss(last_logits(m["discriminator"](fake)), True)
         loss_l1 = semi_paired_l1(fake.float(), y, cfg.l1_pool)
         loss_idt = F.l1_loss(fake.float(), x)
         loss_g = (
@@ -175,7 +150,7 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         )
     loss_g.backward()
     opt["g"].step()
-    loss_d = discriminator_step(ctx, y, fake)
+    loss_d = discriminator_step(m["discriminator"], opt["d"], y, fake, autocast=ctx.autocast)
     return {
         "loss/g": float(loss_g.detach()),
         "loss/l1": float(loss_l1.detach()),
