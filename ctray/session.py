@@ -10,6 +10,18 @@ import ray
 log = logging.getLogger(__name__)
 
 
+def configure_data() -> None:
+    """Ray Data settings for shard streaming (measured in benchmarks/bench_data.py).
+
+    Ray 2.60's v2 Parquet datasource starts a pool of footer-reading actors on every
+    execution; on small machines that costs 13-30 s per epoch against 1-2 s of reading, so
+    ctray uses the v1 reader. Progress bars are off: the train loop prints its own progress.
+    """
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    ctx.enable_progress_bars = False
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Start (or join) Ray once per process.
 
@@ -23,5 +35,5 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         else:
             cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     log.info("Ray resources: %s", ray.cluster_resources())
