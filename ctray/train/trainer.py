@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ def data_info(manifest: Manifest) -> dict[str, Any]:
     return DataInfo.from_manifest(manifest).as_dict()
 
 
+def read_shards(files: list[str], columns: Sequence[str]) -> ray.data.Dataset:
+    """A Ray Dataset over shard files, reading only ``columns`` (the path every trainer uses)."""
+    configure_data()
+    ds = ray.data.read_parquet(files, override_num_blocks=max(len(files), READ_BLOCKS))
+    return ds.select_columns(list(columns))
+
+
 def datasets(
     spec: FamilySpec, data_dir: str | Path, manifest: Manifest, *, materialize: bool = False
 ) -> dict[str, ray.data.Dataset]:
@@ -74,9 +82,7 @@ def datasets(
         files = manifest.shard_files(data_dir, split)
         if not files:
             raise ValueError(f"{data_dir}: the {split!r} split has no rows")
-        configure_data()
-        ds = ray.data.read_parquet(files, override_num_blocks=max(len(files), READ_BLOCKS))
-        ds = ds.select_columns(list(spec.columns))
+        ds = read_shards(files, spec.columns)
         if materialize:
             ds = ds.materialize()
         out[split] = ds.randomize_block_order() if split == "train" else ds
