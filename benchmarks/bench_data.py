@@ -4,16 +4,22 @@ Three ways to feed a training loop with batches of ``B`` (source, target) patch 
 ``P^3`` float32 voxels, all from the same clinical-size phantoms (256x256x128 voxels at
 1.5x1.5x2.5 mm, resampled to the shard spacing):
 
-(a) Ray Data, as the train workers do: ``ray.data.read_parquet(files, columns=[...])`` then
-    ``iter_torch_batches(batch_size=B)``; measured streaming from Parquet every epoch (the
-    headline) and over a dataset materialized once in the object store, plus the tuning
-    variants listed in ``RAY_VARIANTS``.
+(a) Ray Data exactly as the train workers read it: ``ctray.train.trainer.read_shards(files,
+    COLUMNS)`` (V1 Parquet reader, ``override_num_blocks``, ``select_columns``) and one
+    ``iter_torch_batches(batch_size=B)`` pass per epoch, streaming from Parquet every epoch
+    (the headline). Also measured: the same dataset materialized once (as ``ctray.tune``
+    does), Ray 2.60's defaults (V2 Parquet datasource) for comparison, and the iteration
+    variants in ``VARIANTS``.
 (b) the seeds' way: every sample decodes two ``.nii.gz`` volumes and runs MONAI
     ``LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd -> ScaleIntensityRanged
     -> RandSpatialCropd``; samples come from a ``torch.utils.data.DataLoader`` with one worker
     per core and are stacked to ``B`` with ``torch.stack``.
 (c) the ceiling: a raw pyarrow read of the same shards (``ParquetFile.iter_batches``,
     ``to_numpy_ndarray`` without copying, ``torch.from_numpy``).
+
+The methods are interleaved: timed repeat ``r`` runs one epoch of every method in turn before
+repeat ``r + 1`` starts, so a load that drifts during the run hits all of them alike; every
+figure is the median over the repeats.
 
 Usage::
 
@@ -40,7 +46,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +87,9 @@ class Settings:
         subjects: phantom subjects (one NIfTI pair and one shard file each).
         repeats: timed epochs per Ray/pyarrow method.
         nifti_batches: batches per timed NIfTI epoch (each sample costs seconds).
-        nifti_repeats: timed NIfTI epochs.
+        nifti_repeats: timed NIfTI epochs (in the first ``nifti_repeats`` rounds).
         nifti_workers: DataLoader worker processes for the NIfTI pipeline.
         row_group: rows per Parquet row group in the shards.
-        variants: also measure the Ray Data tuning variants.
         quick: the smoke-test sizes were chosen.
     """
 
@@ -97,7 +102,6 @@ class Settings:
     nifti_repeats: int = 2
     nifti_workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     row_group: int = 64
-    variants: bool = True
     quick: bool = False
 
     @property
@@ -129,6 +133,11 @@ class Measurement:
     def median(self) -> float:
         return statistics.median(self.rates)
 
+    @property
+    def epoch_s(self) -> float:
+        """Median seconds per epoch."""
+        return self.patches / self.median
+
     def row(self) -> str:
         return (
             f"| {self.method} | {self.median:,.1f} | {min(self.rates):,.1f} | "
@@ -136,14 +145,36 @@ class Measurement:
         )
 
 
-def timed(run: Callable[[], int], repeats: int) -> list[float]:
-    """Call ``run`` (which returns the patches it delivered) ``repeats`` times; patches/s each."""
-    rates = []
-    for _ in range(repeats):
+@dataclass(kw_only=True)
+class Method:
+    """One way to deliver an epoch of batches, timed in the interleaved rounds.
+
+    Attributes:
+        name: table label.
+        epoch: runs one epoch and returns the patches it delivered.
+        repeats: timed epochs (rounds ``0 .. repeats - 1`` run it).
+        patches: patches per epoch.
+        note: table note.
+        warm_up: run one untimed epoch before the timed rounds.
+    """
+
+    name: str
+    epoch: Callable[[], int]
+    repeats: int
+    patches: int
+    note: str = ""
+    warm_up: bool = True
+    rates: list[float] = field(default_factory=list)
+
+    def timed_epoch(self) -> float:
         start = time.perf_counter()
-        count = run()
-        rates.append(count / (time.perf_counter() - start))
-    return rates
+        count = self.epoch()
+        rate = count / (time.perf_counter() - start)
+        self.rates.append(rate)
+        return rate
+
+    def measurement(self) -> Measurement:
+        return Measurement(method=self.name, rates=self.rates, patches=self.patches, note=self.note)
 
 
 # --------------------------------------------------------------------------- data
@@ -307,159 +338,173 @@ def arrow_epoch(files: Sequence[str], batch: int) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RayVariant:
-    """One way of configuring the Ray Data read and iteration.
+class RayMethod:
+    """One way of building and iterating the Ray Dataset.
 
     Attributes:
         name: table label.
-        read: extra ``read_parquet`` arguments (e.g. ``override_num_blocks``).
+        v2: read with Ray 2.60's defaults (``use_datasource_v2 = True``, plain
+            ``read_parquet``) instead of ``ctray.train.trainer.read_shards``.
+        materialize: ``.materialize()`` once, then time iterations over the object store.
+        batch_format: ``"torch"`` uses ``iter_torch_batches``; ``"pyarrow"`` uses
+            ``iter_batches`` and converts with ``to_numpy_ndarray`` + ``torch.from_numpy``.
         iterate: extra ``iter_torch_batches`` / ``iter_batches`` arguments.
-        context: ``DataContext`` attributes set while the dataset is built and iterated.
-        env: environment variables set while the dataset is built (read by Ray's driver).
-        batch_format: ``"torch"`` uses ``iter_torch_batches``; ``"numpy"``/``"pyarrow"`` use
-            ``iter_batches`` and convert with ``torch.from_numpy``.
-        materialize: read once into the object store, then time iterations over it.
         note: table note.
     """
 
     name: str
-    read: dict[str, Any] = field(default_factory=dict)
-    iterate: dict[str, Any] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    batch_format: str = "torch"
+    v2: bool = False
     materialize: bool = False
+    batch_format: str = "torch"
+    iterate: dict[str, Any] = field(default_factory=dict)
     note: str = ""
 
 
-V1 = {"use_datasource_v2": False}
-ONE_FOOTER_ACTOR = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
-TUNED_READ = {"override_num_blocks": 8}
-HEADLINE = RayVariant(
-    name="ray stream, defaults (as ctray.train)", note="headline a: read_parquet per epoch"
+def _read_blocks() -> int:
+    from ctray.train.trainer import READ_BLOCKS
+
+    return READ_BLOCKS
+
+
+def footer_actors() -> int:
+    """Footer-reading actors Ray 2.60's V2 Parquet datasource starts per execution."""
+    try:
+        from ray.data._internal.datasource_v2.formats.parquet import footer_file_indexer
+    except ImportError:
+        return int(os.environ.get("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "32"))
+    default = footer_file_indexer._DEFAULT_NUM_ACTORS
+    return int(os.environ.get("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", default))
+
+
+STREAM = RayMethod(
+    name="ray stream, as ctray.train (read_shards)",
+    note=f"headline a: read_shards per epoch (V1 reader, override_num_blocks={_read_blocks()})",
 )
-TUNED = RayVariant(
-    name="ray stream, V1 reader + override_num_blocks=8",
-    read=TUNED_READ,
-    context=V1,
-    note="best streaming setting found",
+MATERIALIZED = RayMethod(
+    name="ray materialized, read_shards().materialize()",
+    materialize=True,
+    note="as ctray.tune (epochs after the first)",
 )
-MATERIALIZED = RayVariant(
-    name="ray materialized, defaults", materialize=True, note="as ctray.tune (epoch >= 2)"
+V2_DEFAULTS = RayMethod(
+    name="ray stream, Ray 2.60 defaults (V2 reader)",
+    v2=True,
+    note=f"before the fix: use_datasource_v2=True, {footer_actors()} footer actors per epoch",
 )
-RAY_VARIANTS = (
-    RayVariant(
-        name="ray stream, 1 Parquet footer actor",
-        env=ONE_FOOTER_ACTOR,
-        note="RAY_DATA_PARQUET_FOOTER_NUM_ACTORS=1",
-    ),
-    RayVariant(name="ray stream, V1 reader", context=V1, note="use_datasource_v2=False"),
-    TUNED,
-    RayVariant(
-        name="ray stream, V1 + blocks=8 + prefetch_batches=4",
-        read=TUNED_READ,
-        context=V1,
+VARIANTS = (
+    RayMethod(
+        name="ray stream, read_shards + prefetch_batches=4",
         iterate={"prefetch_batches": 4},
+        note="default prefetch_batches=1",
     ),
-    RayVariant(
-        name="ray stream, V1 + blocks=8, iter_batches numpy",
-        read=TUNED_READ,
-        context=V1,
-        batch_format="numpy",
-    ),
-    RayVariant(
-        name="ray materialized, iter_batches pyarrow",
-        materialize=True,
+    RayMethod(
+        name="ray stream, read_shards, iter_batches pyarrow",
         batch_format="pyarrow",
-        note="to_numpy_ndarray, no copy",
+        note="to_numpy_ndarray + torch.from_numpy, no copy",
     ),
 )
 
 
 @contextmanager
-def configured(variant: RayVariant) -> Iterator[None]:
-    """Apply a variant's environment and ``DataContext`` settings, then restore them."""
+def datasource_v2(enabled: bool) -> Iterator[None]:
+    """Set ``DataContext.use_datasource_v2`` for the block, then restore it."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
-    saved_env = {k: os.environ.get(k) for k in variant.env}
-    saved_ctx = {k: getattr(ctx, k) for k in variant.context}
-    os.environ.update(variant.env)
-    for key, value in variant.context.items():
-        setattr(ctx, key, value)
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = enabled
     try:
         yield
     finally:
-        for key, value in saved_ctx.items():
-            setattr(ctx, key, value)
-        for key, old in saved_env.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        ctx.use_datasource_v2 = saved
 
 
-def ray_dataset(files: Sequence[str], variant: RayVariant) -> Any:
-    """``read_parquet`` of the training columns, as ``ctray.train.trainer.datasets`` does."""
+def ray_dataset(files: Sequence[str], method: RayMethod) -> Any:
+    """The trainer's dataset (``read_shards``) or, for ``v2``, Ray 2.60's plain defaults."""
     import ray
 
-    with warnings.catch_warnings():  # Ray 2.60 deprecates columns= in favour of select_columns
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return ray.data.read_parquet(list(files), columns=list(COLUMNS), **variant.read)
+    from ctray.train.trainer import read_shards
+
+    if method.v2:  # read_shards would switch the V1 reader back on
+        return ray.data.read_parquet(list(files)).select_columns(list(COLUMNS))
+    return read_shards(list(files), COLUMNS)
 
 
-def ray_epoch(dataset: Any, variant: RayVariant, batch: int) -> int:
+def ray_epoch(dataset: Any, method: RayMethod, batch: int) -> int:
     """Iterate one epoch of torch batches and count the patches."""
     count = 0
-    if variant.batch_format == "torch":
-        for b in dataset.iter_torch_batches(batch_size=batch, **variant.iterate):
+    if method.batch_format == "torch":
+        for b in dataset.iter_torch_batches(batch_size=batch, **method.iterate):
             count += _batch_size(b)
         return count
     batches = dataset.iter_batches(
-        batch_size=batch, batch_format=variant.batch_format, **variant.iterate
+        batch_size=batch, batch_format=method.batch_format, **method.iterate
     )
     for b in batches:
-        if variant.batch_format == "pyarrow":
-            tensors = {k: _tensor(b.column(k)) for k in COLUMNS}
-        else:
-            tensors = {k: _from_numpy(b[k]) for k in COLUMNS}
-        count += _batch_size(tensors)
+        count += _batch_size({k: _tensor(b.column(k)) for k in COLUMNS})
     return count
 
 
-def measure_ray(files: Sequence[str], variant: RayVariant, settings: Settings) -> Measurement:
-    """Time ``settings.repeats`` epochs of one Ray Data variant."""
-    note = variant.note
-    with configured(variant):
-        if variant.materialize:
-            start = time.perf_counter()
-            dataset = ray_dataset(files, variant).materialize()
-            note = f"{note}; materialize() {time.perf_counter() - start:.1f}s".lstrip("; ")
+def ray_method(files: Sequence[str], method: RayMethod, settings: Settings) -> Method:
+    """A timed method for one Ray Data setting; a materialized one is read here, once."""
+    note = method.note
+    if method.materialize:
+        start = time.perf_counter()
+        dataset = ray_dataset(files, method).materialize()
+        note = f"{note}; materialize() {time.perf_counter() - start:.1f}s"
 
-            def run() -> int:
-                return ray_epoch(dataset, variant, settings.batch)
-        else:
+        def epoch() -> int:
+            return ray_epoch(dataset, method, settings.batch)
+    else:
 
-            def run() -> int:
-                return ray_epoch(ray_dataset(files, variant), variant, settings.batch)
+        def epoch() -> int:
+            with datasource_v2(True) if method.v2 else nullcontext():
+                return ray_epoch(ray_dataset(files, method), method, settings.batch)
 
-        rates = timed(run, settings.repeats)
-    return Measurement(method=variant.name, rates=rates, patches=run_patches(settings), note=note)
+    return Method(
+        name=method.name,
+        epoch=epoch,
+        repeats=settings.repeats,
+        patches=run_patches(settings),
+        note=note,
+    )
 
 
 def run_patches(settings: Settings) -> int:
     return settings.patches_per_subject * settings.subjects
 
 
-def start_ray(files: Sequence[str], settings: Settings) -> None:
-    """One local Ray session with more logical CPUs than cores, progress bars off, warmed up."""
+def start_ray() -> None:
+    """One local Ray session with more logical CPUs than cores, progress bars off."""
     import ray
 
+    from ctray.session import configure_data
+
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    configure_data()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    with configured(TUNED):  # untimed: starts the worker processes every variant reuses
-        ray_epoch(ray_dataset(files, TUNED), TUNED, settings.batch)
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def run_rounds(methods: Sequence[Method]) -> None:
+    """One untimed warm-up epoch each, then the interleaved timed rounds."""
+    for m in methods:
+        if m.warm_up:
+            start = time.perf_counter()
+            m.epoch()
+            print(f"warm-up {m.name}: {time.perf_counter() - start:.1f}s", flush=True)
+    for r in range(max(m.repeats for m in methods)):
+        rates = [f"{m.name}: {m.timed_epoch():,.1f}" for m in methods if r < m.repeats]
+        print(f"round {r + 1} (patches/s) " + "; ".join(rates), flush=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -504,66 +549,90 @@ def write_doc(path: Path, section: str) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-def by_name(results: Sequence[Measurement], variant: RayVariant) -> Measurement | None:
-    return next((m for m in results if m.method == variant.name), None)
+def by_name(results: Sequence[Measurement], method: RayMethod) -> Measurement | None:
+    return next((m for m in results if m.method == method.name), None)
 
 
-def analysis(results: Sequence[Measurement], nifti: Measurement, arrow: Measurement) -> str:
-    """The notes under the table: shares of the ceiling and what limits Ray Data."""
-    lines = ["Share of the pyarrow ceiling (median / median):", ""]
+def _versus(m: Measurement, ref: Measurement) -> str:
+    """``m``'s median relative to ``ref``'s, and whether it lies outside ``ref``'s spread."""
+    ratio = m.median / ref.median
+    if min(m.rates) > max(ref.rates):
+        verdict = "faster beyond the run-to-run spread"
+    elif max(m.rates) < min(ref.rates):
+        verdict = "slower beyond the run-to-run spread"
+    else:
+        verdict = "the min-max ranges overlap, so within the run-to-run spread"
+    return f"{ratio:.2f}x the headline's median ({verdict})"
+
+
+def analysis(
+    results: Sequence[Measurement], nifti: Measurement, arrow: Measurement, load: tuple[str, str]
+) -> str:
+    """The notes under the table, all from the measured numbers."""
+    lines = ["Share of the pyarrow ceiling c and multiple of the NIfTI baseline b (medians):", ""]
     lines += [
-        f"- {m.method}: {m.median / arrow.median:.2f} (vs NIfTI {m.median / nifti.median:.0f}x)"
+        f"- {m.method}: {m.median / arrow.median:.2f} of c, {m.median / nifti.median:,.0f}x b"
         for m in results
         if m.method.startswith("ray")
     ]
-    head = by_name(results, HEADLINE)
-    tuned = by_name(results, TUNED)
-    mat = by_name(results, MATERIALIZED)
+    head = by_name(results, STREAM)
     assert head is not None
-    epoch = head.patches / head.median
-    lines += [
-        "",
-        "What limits Ray Data here:",
-        "",
-        f"- Defaults (Ray 2.60 routes `read_parquet` through the V2 datasource): every execution "
-        f"starts a `ListFiles` step that spawns 32 `FooterReader` actors "
-        f"(`RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`, default 32) just to read {len(COLUMNS)} "
-        f"columns' footers of a few files, then kills them. On {os.cpu_count()} cores each "
-        f"actor is a fresh Python process, so a streamed epoch of {head.patches} patches takes "
-        f"{epoch:.1f}s; most of it is listing, not reading. Reading with one footer actor or "
-        "with the V1 reader (`DataContext.use_datasource_v2 = False`) removes most of that.",
-        "- With few large files the V2/V1 readers make one block per file (read tasks of "
-        "~0.5 GiB); `override_num_blocks=8` splits the read into more, smaller tasks that "
-        "overlap with iteration.",
-        "- Streaming still pays per epoch: task scheduling, one copy of every block into the "
-        "object store (the reader process writes it, the trainer process reads it) and the "
-        "Arrow -> numpy -> torch conversion; pyarrow reads in-process with no copy beyond the "
-        "Parquet decode. `prefetch_batches` and `batch_format` are second-order: batches are "
-        "slices of blocks and the conversion is zero-copy for fixed-shape tensors, so their "
-        "rows differ by about the run-to-run spread (compare min/max).",
-        "- `zero_copy_batch` is a `map_batches` option; Ray 2.60's `iter_batches` / "
-        "`iter_torch_batches` have no such argument, so it cannot be measured on this path.",
-    ]
+    lines += ["", "What limits Ray Data here:", ""]
+    v2 = by_name(results, V2_DEFAULTS)
+    if v2 is not None:
+        lines.append(
+            f"- Ray 2.60's default V2 Parquet datasource starts a `ListFiles` step with "
+            f"{footer_actors()} `FooterReader` actors (`RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`) on "
+            f"every execution, i.e. every streamed epoch; on {os.cpu_count()} cores each is a "
+            f"fresh Python process. Its epoch of {v2.patches} patches took {v2.epoch_s:.1f}s "
+            f"(median) against {head.epoch_s:.1f}s through `read_shards`, which turns the V1 "
+            f"reader on (`ctray.session.configure_data`): the fix makes streaming "
+            f"{head.median / v2.median:.1f}x faster."
+        )
+    share = head.median / arrow.median
+    gap = head.epoch_s - arrow.epoch_s
+    if gap > 0:
+        cost = (
+            f"{head.epoch_s:.2f}s per epoch against pyarrow's {arrow.epoch_s:.2f}s, about "
+            f"{gap:.2f}s per epoch ({gap / head.epoch_s:.0%}) of overhead"
+        )
+    else:
+        cost = (
+            f"{head.epoch_s:.2f}s per epoch against pyarrow's {arrow.epoch_s:.2f}s: its "
+            f"{_read_blocks()} parallel read tasks hide the overhead behind the decode that "
+            "pyarrow does on one thread"
+        )
+    lines.append(
+        f"- Streaming as `ctray.train` does reaches {share:.2f} of the pyarrow ceiling: "
+        f"{cost}. Each epoch schedules the read tasks, copies every block into the object "
+        "store (the reader process writes it, the trainer process maps it) and converts "
+        "Arrow -> numpy -> torch; pyarrow decodes in-process with no copy beyond the decode."
+    )
+    mat = by_name(results, MATERIALIZED)
     if mat is not None:
         lines.append(
             f"- Materialized once (what `ctray.tune` does), later epochs iterate blocks already "
-            f"in shared memory: {mat.median:,.0f} patches/s, {mat.median / arrow.median:.1f}x "
-            "the pyarrow re-read (which decodes Parquet every epoch); the first epoch pays "
-            "the read (see the note)."
+            f"in shared memory: {mat.median:,.0f} patches/s, {mat.median / head.median:.1f}x "
+            f"streaming and {mat.median / arrow.median:.1f}x the pyarrow re-read (which decodes "
+            "Parquet every epoch); the one-off read is the materialize() time in its note. What "
+            "is left there is the per-batch cost of slicing blocks and building tensors."
         )
-    if tuned is not None:
-        lines.append(
-            f"- Tuned streaming ({TUNED.name}): ray_vs_arrow={tuned.median / arrow.median:.2f}, "
-            f"ray_vs_nifti={tuned.median / nifti.median:.2f}. The RESULT line keeps the "
-            "defaults the trainer uses today."
-        )
-    lines += [
-        "- Every figure is from one shared 2-core VM; the load average at start/end is in the "
-        "header. pyarrow and NIfTI run first, Ray after them, so a load that changes during "
-        "the run moves the ratios; and under load multi-process Ray gets a larger share of "
-        "the CPU than single-threaded pyarrow. Trust ratios only from a run whose load "
-        "average stayed near or below nproc.",
-    ]
+    for variant in VARIANTS:
+        m = by_name(results, variant)
+        if m is not None:
+            lines.append(f"- {variant.name}: {_versus(m, head)}.")
+    nproc = os.cpu_count() or 1
+    peak = max(float(x) for x in load)
+    state = (
+        f"above nproc={nproc}: the machine was shared, so absolute rates are low and ratios "
+        "noisy; rerun on an idle machine before quoting them"
+        if peak > nproc
+        else f"at most nproc={nproc}: the machine was close to idle"
+    )
+    lines.append(
+        f"- Load average (1 min) {load[0]} at start, {load[1]} at end, {state}. The methods "
+        "ran interleaved (one epoch of each per round), so a drifting load hits all alike."
+    )
     return "\n".join(lines)
 
 
@@ -579,8 +648,8 @@ def doc_section(
     shape = "x".join(map(str, CLINICAL_SHAPE))
     return f"""{DOC_HEADING}
 
-`{command}` on {dt.date.today().isoformat()}; machine: {machine()}. Total run {seconds:.0f}s;
-load average (1 min) {load[0]} at start, {load[1]} at end.
+Generated by `{command}` on {dt.date.today().isoformat()}; machine: {machine()}.
+Total run {seconds:.0f}s; load average (1 min) {load[0]} at start, {load[1]} at end.
 
 Settings: patch {settings.patch}^3 float32, batch {settings.batch}; a patch is a
 (`source`, `target`) pair (2 x {settings.patch**3 * 4 / 2**20:.2f} MiB) for every method.
@@ -588,15 +657,17 @@ Settings: patch {settings.patch}^3 float32, batch {settings.batch}; a patch is a
 {"x".join(map(str, CLINICAL_SPACING))} mm, resampled to {"x".join(map(str, SHARD_SPACING))} mm;
 {run_patches(settings)} train patches in {settings.subjects} Parquet shards (row groups of
 {settings.row_group}, uncompressed, with the unread `truth`/`labels` columns as `ctray data
-build` writes them). Ray/pyarrow: {settings.repeats} timed epochs each (after one untimed
-warm-up epoch); NIfTI: {settings.nifti_repeats} epochs of {settings.nifti_batches} batch(es),
-{settings.nifti_workers} DataLoader workers, each sample decoding two {shape} `.nii.gz`.
+build` writes them). One untimed warm-up epoch per Ray/pyarrow method, then
+{settings.repeats} interleaved rounds: each round times one epoch of pyarrow, ray stream
+(`read_shards`), NIfTI, ray materialized, then the other Ray rows (NIfTI only in the first
+{settings.nifti_repeats} round(s), {settings.nifti_batches} batch(es) per epoch,
+{settings.nifti_workers} DataLoader workers, each sample decoding two {shape} `.nii.gz`).
 `ray.init(num_cpus=8)`; all files in the page cache.
 
 {table(results)}
 
-`{result}` (a = Ray Data streaming from Parquet with the trainer's defaults,
-b = NIfTI + MONAI, c = pyarrow).
+`{result}` (a = Ray Data streaming from Parquet exactly as `ctray.train` reads it,
+`read_shards` + `iter_torch_batches`; b = NIfTI + MONAI; c = pyarrow).
 
 {notes}
 """
@@ -607,21 +678,17 @@ b = NIfTI + MONAI, c = pyarrow).
 
 def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (~1.5 minutes idle)")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (~2 minutes idle)")
     parser.add_argument("--patch", type=int, default=64, help="cubic patch edge (voxels)")
     parser.add_argument("--batch", type=int, default=8, help="patches per batch")
     parser.add_argument("--patches", type=int, help="train patches in the shards")
-    parser.add_argument("--repeats", type=int, help="timed epochs per method")
-    parser.add_argument("--no-variants", action="store_true", help="skip Ray tuning variants")
+    parser.add_argument("--repeats", type=int, help="timed rounds (epochs per method)")
     parser.add_argument(
         "--doc", type=Path, default=REPO / "docs" / "benchmarks.md", help="markdown to update"
     )
     parser.add_argument("--no-doc", action="store_true", help="do not update the markdown")
     args = parser.parse_args(argv)
-    if args.quick:
-        base = Settings(patches=128, repeats=2, nifti_repeats=1, variants=False)
-    else:
-        base = Settings()
+    base = Settings(patches=128, repeats=2, nifti_repeats=1) if args.quick else Settings()
     settings = Settings(
         patch=args.patch,
         batch=args.batch,
@@ -631,7 +698,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         nifti_batches=base.nifti_batches,
         nifti_repeats=min(base.nifti_repeats, args.repeats or base.nifti_repeats),
         row_group=base.row_group,
-        variants=base.variants and not args.no_variants,
         quick=args.quick,
     )
     return settings, None if args.no_doc else args.doc
@@ -645,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, doc = parse_args(argv)
     started = time.perf_counter()
     load_start = load_average()
+    print(f"load average (1 min) at start: {load_start}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="ctray-bench-data-"))
     try:
         print(f"building {settings.subjects} clinical-size phantoms under {root} ...", flush=True)
@@ -652,45 +719,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = [str(s.shard) for s in subjects]
         print(f"data ready after {time.perf_counter() - started:.0f}s", flush=True)
 
-        arrow_epoch(files, settings.batch)  # warm-up
-        arrow = Measurement(
-            method="pyarrow iter_batches -> torch.from_numpy",
-            rates=timed(lambda: arrow_epoch(files, settings.batch), settings.repeats),
-            patches=run_patches(settings),
+        start_ray()
+        patches = run_patches(settings)
+        arrow = Method(
+            name="pyarrow iter_batches -> torch.from_numpy",
+            epoch=lambda: arrow_epoch(files, settings.batch),
+            repeats=settings.repeats,
+            patches=patches,
             note="ceiling c",
         )
-        print(arrow.row(), flush=True)
-        nifti = Measurement(
-            method="nii.gz + MONAI transforms per sample",
-            rates=timed(lambda: nifti_epoch(subjects, settings), settings.nifti_repeats),
+        nifti = Method(
+            name="nii.gz + MONAI transforms per sample",
+            epoch=lambda: nifti_epoch(subjects, settings),
+            repeats=settings.nifti_repeats,
             patches=settings.batch * settings.nifti_batches,
             note=f"baseline b; {settings.nifti_workers} DataLoader workers",
+            warm_up=False,  # seconds per sample; every epoch starts its own workers anyway
         )
-        print(nifti.row(), flush=True)
-
-        start_ray(files, settings)
-        variants = [HEADLINE, MATERIALIZED, *(RAY_VARIANTS if settings.variants else ())]
-        results = []
-        for variant in variants:
-            results.append(measure_ray(files, variant, settings))
-            print(results[-1].row(), flush=True)
-        results += [nifti, arrow]
+        stream = ray_method(files, STREAM, settings)
+        materialized = ray_method(files, MATERIALIZED, settings)
+        others = [ray_method(files, m, settings) for m in (V2_DEFAULTS, *VARIANTS)]
+        run_rounds([arrow, stream, nifti, materialized, *others])
     finally:
+        stop_ray()  # before the report, so no late raylet warning follows the RESULT line
         shutil.rmtree(root, ignore_errors=True)
 
-    head = results[0]
-    result = result_line(head, nifti, arrow)
+    ray_rows = [m.measurement() for m in (stream, materialized, *others)]
+    nifti_m, arrow_m = nifti.measurement(), arrow.measurement()
+    results = [*ray_rows, nifti_m, arrow_m]
+    result = result_line(ray_rows[0], nifti_m, arrow_m)
     seconds = time.perf_counter() - started
+    load = (load_start, load_average())
+    notes = analysis(results, nifti_m, arrow_m, load)
+    print(f"load average (1 min) at end: {load[1]}")
     print()
     print(table(results))
     print()
-    print(analysis(results, nifti, arrow))
+    print(notes)
     if doc is not None:
-        load = (load_start, load_average())
-        section = doc_section(
-            settings, results, result, analysis(results, nifti, arrow), seconds, load
-        )
-        write_doc(doc, section)
+        write_doc(doc, doc_section(settings, results, result, notes, seconds, load))
         print(f"\nwrote {doc}")
     print(result)
     return 0

@@ -1,0 +1,296 @@
+"""Serving benchmark: closed-loop HTTP load against `ctray serve`, batching on vs off.
+
+Starts a local Ray session and one Serve instance on 127.0.0.1 with two applications hosting
+the same small phase-GAN (debug preset, untrained weights: the cost is the same as a trained
+one): ``/batched`` (dynamic batching) and ``/unbatched`` (one request per forward pass). Then:
+
+1. latency with 1 client, each app, vs ``predict_volumes`` called in this process on the same
+   volume with the same torch thread count as a replica (the Serve overhead);
+2. K closed-loop clients (threads, one httpx connection each, default 8), a fixed number of
+   requests each (and a time bound), per app: requests/s, p50 and p95 latency.
+
+The last line is ``RESULT batched_vs_unbatched=<x> serve_overhead_p50=<fraction>``; the overhead
+uses the unbatched app (no batch wait), the table also shows the batched app's single-client p50.
+
+    python benchmarks/bench_serve.py                 # ~2-4 minutes on 2 cores
+    python benchmarks/bench_serve.py --clients 16 --requests 8 --patch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class Load:
+    """One measured phase: latencies (s) of successful requests, wall time, errors."""
+
+    latencies: list[float]
+    wall_s: float
+    errors: int
+    batch_sizes: list[int]
+
+    def merge(self, other: Load) -> Load:
+        return Load(
+            latencies=self.latencies + other.latencies,
+            wall_s=self.wall_s + other.wall_s,
+            errors=self.errors + other.errors,
+            batch_sizes=self.batch_sizes + other.batch_sizes,
+        )
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def export_untrained(out: Path, *, family: str, preset: str, patch: int, spacing: float) -> Path:
+    """A model directory with freshly initialised weights of a family preset (no training)."""
+    import torch
+
+    from ctray.config import from_dict, to_dict
+    from ctray.modeldir import export_model
+    from ctray.registry import DataInfo, get_family
+
+    spec = get_family(family)
+    cfg = from_dict(spec.config_cls, spec.preset(preset))
+    window = {"lo": -1000.0, "hi": 1000.0}
+    info = DataInfo(patch_size=(patch,) * 3, spacing=(spacing,) * 3, window=window)
+    torch.manual_seed(0)
+    models = spec.build_models(cfg, info)
+    return export_model(
+        out,
+        spec=spec,
+        family_config=to_dict(cfg),
+        data={"patch_size": [patch] * 3, "spacing": [spacing] * 3, "window": window},
+        state={k: m.state_dict() for k, m in models.items()},
+        metrics={},
+        source={"benchmark": "bench_serve.py", "preset": preset},
+    )
+
+
+def closed_loop(
+    url: str, body: bytes, *, clients: int, requests: int, max_seconds: float, timeout: float
+) -> Load:
+    """K threads, each sending its next request as soon as the previous one is answered."""
+    deadline = time.perf_counter() + max_seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    errors = [0]
+    start_gate = threading.Barrier(clients)
+
+    def worker(_: int) -> None:
+        with httpx.Client(timeout=timeout) as http:
+            start_gate.wait()
+            for _ in range(requests):
+                if time.perf_counter() > deadline:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = http.post(url, content=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                dt = time.perf_counter() - t
+                with lock:
+                    if ok:
+                        latencies.append(dt)
+                        batch_sizes.append(int(r.headers.get("x-ctray-batch-size", "1")))
+                    else:
+                        errors[0] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(worker, range(clients)))
+    return Load(
+        latencies=latencies,
+        wall_s=time.perf_counter() - t0,
+        errors=errors[0],
+        batch_sizes=batch_sizes,
+    )
+
+
+class DirectRunner:
+    """``predict_volumes`` in this process, one volume at a time, as a replica would run it."""
+
+    def __init__(self, model_dir: Path, volume: Any, phase: str, *, threads: int) -> None:
+        import torch
+
+        from ctray.modeldir import load_model
+
+        torch.set_num_threads(threads)
+        self.model = load_model(model_dir)
+        self.volume = volume
+        self.cond = self.model.spec.parse_conditioning({"target_phase": phase})
+        self.once()  # warm-up
+
+    def once(self) -> float:
+        from ctray.inference import predict_volumes
+
+        t = time.perf_counter()
+        predict_volumes(self.model, [self.volume], [self.cond])
+        return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3, help="per client, per app and round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating unbatched/batched rounds")
+    ap.add_argument("--max-seconds", type=float, default=45.0, help="per load round")
+    ap.add_argument("--single", type=int, default=8, help="1-client requests per app")
+    ap.add_argument("--size", type=int, default=64, help="volume edge in voxels")
+    ap.add_argument("--patch", type=int, default=16, choices=(16, 32))
+    ap.add_argument("--spacing", type=float, default=8.0, help="model (and volume) spacing, mm")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=20.0)
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="= torch threads per replica")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    args = ap.parse_args(argv)
+
+    from ray import serve
+
+    from ctray.data.nifti import nifti_bytes
+    from ctray.data.phantom import PhantomConfig, make_phantom
+    from ctray.serve.config import ServeConfig
+    from ctray.serve.server import start, stop
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    model_dir = export_untrained(
+        tmp / "models" / "bench",
+        family="phase_gan",
+        preset="debug",
+        patch=args.patch,
+        spacing=args.spacing,
+    )
+    volume, _ = make_phantom(
+        0, config=PhantomConfig(shape=(args.size,) * 3, spacing=(args.spacing,) * 3)
+    )
+    body = nifti_bytes(volume.array, volume.affine)
+    port = _free_port()
+    common = dict(
+        models=tmp / "models",
+        port=port,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        num_cpus_per_replica=args.replica_cpus,
+        max_ongoing_requests=max(16, 2 * args.clients),
+    )
+    apps = {
+        "batched": ServeConfig(**common, app_name="bench-batched", route_prefix="/batched"),
+        "unbatched": ServeConfig(
+            **common, batching=False, app_name="bench-unbatched", route_prefix="/unbatched"
+        ),
+    }
+    t0 = time.perf_counter()
+    urls = {name: start(cfg) for name, cfg in apps.items()}
+    print(f"Serve up in {time.perf_counter() - t0:.0f} s on 127.0.0.1:{port}", flush=True)
+    try:
+        for url in urls.values():  # warm-up: first requests load code paths and caches
+            predict = f"{url}/v1/models/bench/predict?target_phase=venous"
+            closed_loop(predict, body, clients=1, requests=2, max_seconds=60, timeout=args.timeout)
+        # 1 client: direct / unbatched / batched requests interleaved, so that the load other
+        # processes put on the machine hits all three alike
+        direct_run = DirectRunner(model_dir, volume, "venous", threads=int(args.replica_cpus))
+        direct: list[float] = []
+        single_lat: dict[str, list[float]] = {name: [] for name in urls}
+        with httpx.Client(timeout=args.timeout) as http:
+            for _ in range(args.single):
+                direct.append(direct_run.once())
+                for name, url in urls.items():
+                    t = time.perf_counter()
+                    r = http.post(
+                        f"{url}/v1/models/bench/predict?target_phase=venous", content=body
+                    )
+                    r.raise_for_status()
+                    single_lat[name].append(time.perf_counter() - t)
+        single = {
+            name: Load(latencies=lat, wall_s=sum(lat), errors=0, batch_sizes=[1] * len(lat))
+            for name, lat in single_lat.items()
+        }
+        # K clients: rounds alternate unbatched / batched for the same reason
+        loaded: dict[str, Load] = {}
+        for _ in range(args.rounds):
+            for name in ("unbatched", "batched"):
+                predict = f"{urls[name]}/v1/models/bench/predict?target_phase=venous"
+                load = closed_loop(
+                    predict,
+                    body,
+                    clients=args.clients,
+                    requests=args.requests,
+                    max_seconds=args.max_seconds,
+                    timeout=args.timeout,
+                )
+                loaded[name] = load if name not in loaded else loaded[name].merge(load)
+    finally:
+        for cfg in apps.values():
+            stop(cfg, shutdown=False)
+        serve.shutdown()
+    direct_p50 = statistics.median(direct)
+    windows = _windows(args.size, args.patch)
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, load avg "
+        f"{os.getloadavg()[0]:.1f}; volume {args.size}^3 at {args.spacing:g} mm, patch "
+        f"{args.patch}^3 ({windows} windows/request), torch threads/replica "
+        f"{int(args.replica_cpus)}, max_batch_size {args.max_batch_size}, batch_wait "
+        f"{args.batch_wait_ms:g} ms"
+    )
+    header = f"{'setting':34s} {'n':>4s} {'err':>4s} {'req/s':>7s} {'p50 ms':>8s} {'p95 ms':>8s}"
+    print(header)
+    print("-" * len(header))
+    print(
+        f"{'direct predict_volumes (in-process)':34s} {len(direct):4d} {0:4d} "
+        f"{1 / direct_p50:7.2f} {direct_p50 * 1e3:8.0f} {np.percentile(direct, 95) * 1e3:8.0f}"
+    )
+    for label, load in (
+        ("serve unbatched, 1 client", single["unbatched"]),
+        ("serve batched, 1 client", single["batched"]),
+        (f"serve unbatched, {args.clients} clients", loaded["unbatched"]),
+        (f"serve batched, {args.clients} clients", loaded["batched"]),
+    ):
+        print(
+            f"{label:34s} {len(load.latencies):4d} {load.errors:4d} {load.rps:7.2f} "
+            f"{load.pct(50) * 1e3:8.0f} {load.pct(95) * 1e3:8.0f}"
+        )
+    sizes = loaded["batched"].batch_sizes
+    print(f"batch sizes seen under load (batched app): mean {np.mean(sizes):.2f}, max {max(sizes)}")
+    ratio = loaded["batched"].rps / loaded["unbatched"].rps
+    overhead = (single["unbatched"].pct(50) - direct_p50) / direct_p50
+    overhead_b = (single["batched"].pct(50) - direct_p50) / direct_p50
+    print(f"serve overhead p50 (1 client): unbatched {overhead:+.3f}, batched {overhead_b:+.3f}")
+    print(f"RESULT batched_vs_unbatched={ratio:.2f} serve_overhead_p50={overhead:.3f}")
+    return 0
+
+
+def _windows(size: int, patch: int, overlap: float = 0.25) -> int:
+    step = max(1, int(patch * (1 - overlap)))
+    per_axis = 1 if size <= patch else -(-(size - patch) // step) + 1
+    return per_axis**3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
