@@ -7,6 +7,7 @@ print the trials and the best configuration, export the best model.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -234,12 +235,7 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         raise ConfigError(f"{space.source} is a {space.family!r} search space, not {family!r}")
     preset = args.preset or defaults.preset
     if preset:
-        space = type(space)(
-            family=space.family,
-            base={**space.base, **get_family(family).preset(preset)},
-            params=space.params,
-            source=space.source,
-        )
+        space = dataclasses.replace(space, base={**space.base, **get_family(family).preset(preset)})
     resources = Resources(
         workers=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_worker,
