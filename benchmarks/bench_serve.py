@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch", type=int, default=16, choices=(16, 32))
     ap.add_argument("--spacing", type=float, default=8.0, help="model (and volume) spacing, mm")
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--batch-wait-ms", type=float, default=20.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=100.0, help="see the docstring")
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="= torch threads per replica")
     ap.add_argument("--timeout", type=float, default=300.0)
     args = ap.parse_args(argv)
