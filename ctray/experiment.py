@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -137,6 +138,12 @@ def add_arguments(parser: argparse.ArgumentParser, family: str) -> None:
         "--name", help="experiment name (default: <family>-<time>; --resume picks the latest)"
     )
     g.add_argument("--export", default="exported", help="folder the best model is exported into")
+    g.add_argument(
+        "--serve",
+        action="store_true",
+        help="after export, host the best model with Ray Serve (token: $CTRAY_SERVE_TOKEN)",
+    )
+    g.add_argument("--serve-port", type=int, default=8000)
     g.add_argument(
         "--resume",
         action="store_true",
@@ -285,4 +292,12 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
     print(f"exported best model to {path}")
     print(f"serve it with: ctray serve --models {Path(args.export)}")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
+    if args.serve:
+        from ctray.serve.config import TOKEN_ENV, ServeConfig
+        from ctray.serve.server import serve_forever
+
+        token = os.environ.get(TOKEN_ENV) or None
+        return serve_forever(
+            ServeConfig(models=path, port=args.serve_port, token=token), address=args.address
+        )
     return 0

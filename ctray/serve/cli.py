@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
 from ctray.config import ConfigError
+from ctray.serve.config import TOKEN_ENV
 
-TOKEN_ENV = "CTRAY_SERVE_TOKEN"
 URL_ENV = "CTRAY_SERVE_URL"
 
 
@@ -53,7 +52,7 @@ def add_commands(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from ctray.serve.config import DEFAULT_MAX_VOXELS, ServeConfig
-    from ctray.serve.server import start, stop
+    from ctray.serve.server import serve_forever
 
     config = ServeConfig(
         models=args.models,
@@ -72,23 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_ongoing_requests=args.max_ongoing_requests,
         overlap=args.overlap,
     )
-    try:
-        url = start(config, address=args.address)
-    except RuntimeError as err:  # a replica could not start (its traceback is in the log above)
-        print(f"error: could not deploy {config.models}: {err}", file=sys.stderr)
-        stop(config, shutdown=args.address is None)
-        return 1
-    auth = "bearer token required" if config.token else "no token (open)"
-    print(f"ctray serve: models from {config.models} at {url}  ({auth}; Ctrl-C to stop)")
-    print(f"  try: curl -sS {url}/healthz", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping ...", file=sys.stderr)
-    finally:
-        stop(config, shutdown=args.address is None)
-    return 0
+    return serve_forever(config, address=args.address)
 
 
 def _predict(args: argparse.Namespace) -> int:

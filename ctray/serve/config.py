@@ -16,6 +16,8 @@ from ctray.config import ConfigError
 MB = 1 << 20
 # About a 512 x 512 x 600 CT: a bigger upload is almost always a mistake, and every voxel costs
 # several float32 copies inside a replica.
+# Environment variable holding the bearer token, so it stays out of shell history and `ps`.
+TOKEN_ENV = "CTRAY_SERVE_TOKEN"
 DEFAULT_MAX_VOXELS = 160_000_000
 
 

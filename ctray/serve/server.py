@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+import time
 
 from ctray.serve.catalog import discover
 from ctray.serve.config import ServeConfig
@@ -43,3 +45,24 @@ def stop(config: ServeConfig, *, shutdown: bool = True) -> None:
     finally:
         if shutdown:
             serve.shutdown()
+
+
+def serve_forever(config: ServeConfig, *, address: str | None = None) -> int:
+    """Deploy, print the URL, and keep serving until Ctrl-C; returns a process exit code."""
+    try:
+        url = start(config, address=address)
+    except RuntimeError as err:  # a replica could not start (its traceback is in the log above)
+        print(f"error: could not deploy {config.models}: {err}", file=sys.stderr)
+        stop(config, shutdown=address is None)
+        return 1
+    auth = "bearer token required" if config.token else "no token (open)"
+    print(f"ctray serve: models from {config.models} at {url}  ({auth}; Ctrl-C to stop)")
+    print(f"  try: curl -sS {url}/healthz", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+    finally:
+        stop(config, shutdown=address is None)
+    return 0
