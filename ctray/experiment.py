@@ -145,6 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     )
     g.add_argument("--serve-port", type=int, default=8000)
     g.add_argument(
+        "--shards-dir",
+        default="runs/data",
+        help="where shards built from --data/--phantom go (on a cluster: a shared mount)",
+    )
+    g.add_argument(
         "--resume",
         action="store_true",
         help="resume an interrupted experiment; finished trials are not re-run",
@@ -184,7 +189,7 @@ def prepare_data(args: argparse.Namespace, family: str, defaults: ExperimentDefa
     key = hashlib.sha256(
         json.dumps([source, repr(config), options], sort_keys=True).encode()
     ).hexdigest()[:10]
-    out = Path(args.storage if "://" not in args.storage else "runs") / "data" / f"{family}-{key}"
+    out = Path(args.shards_dir) / f"{family}-{key}"
     print(f"building {family} shards from {source} into {out}", flush=True)
     manifest = spec.build_shards(
         out=out, inputs=args.data, phantom=phantom, config=config, options=options
