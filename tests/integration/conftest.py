@@ -38,31 +38,41 @@ def phantom_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run `experiments/tune_phase_gan.py --smoke-test` once; returns the export folder.
-
-    The folder holds one exported model, ``smoke``, as a user's tune run would leave it.
-    """
+def _smoke_export(script: str, root: Path) -> Path:
+    """Run ``experiments/<script>.py --smoke-test`` in this process (sharing the Ray session)."""
+    import importlib
     import sys
 
-    root = tmp_path_factory.mktemp("smoke")
     scripts = str(Path(__file__).resolve().parents[2] / "experiments")
     sys.path.insert(0, scripts)
     try:
-        import tune_phase_gan
+        module = importlib.import_module(script)
     finally:
         sys.path.remove(scripts)
-    rc = tune_phase_gan.main(
+    rc = module.main(
         [
             "--smoke-test",
             "--storage",
             str(root / "runs"),
             "--export",
             str(root / "exported"),
+            "--shards-dir",
+            str(root / "shards"),
             "--name",
             "smoke",
         ]
     )
-    assert rc == 0, "the smoke-test run failed"
+    assert rc == 0, f"{script} --smoke-test failed"
     return root / "exported"
+
+
+@pytest.fixture(scope="session")
+def smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiments/tune_phase_gan.py --smoke-test`, once; its export folder holds `smoke`."""
+    return _smoke_export("tune_phase_gan", tmp_path_factory.mktemp("smoke"))
+
+
+@pytest.fixture(scope="session")
+def pix2pix_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiments/tune_pix2pix.py --smoke-test`, once; its export folder holds `smoke`."""
+    return _smoke_export("tune_pix2pix", tmp_path_factory.mktemp("p2p_smoke"))

@@ -39,7 +39,6 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
     from ctray.inference import predict_volume
     from ctray.modeldir import load_model
     from ctray.train.trainer import Resources
-    from ctray.train.trainer import Resources
     from ctray.tune.export import export_best
     from ctray.tune.runner import TuneSettings, run_tune
     from ctray.tune.search_space import parse_search_space
@@ -116,6 +115,8 @@ def test_resume_of_an_interrupted_experiment(ray_session, tmp_path):
         str(storage),
         "--export",
         str(export),
+        "--shards-dir",
+        str(tmp_path / "shards"),
         "--max-concurrent",
         "1",
     ]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from ctray.data.build import BuildConfig
 from ctray.data.nifti import load_nifti, save_nifti
@@ -17,44 +16,13 @@ from ctray.data.phases import SimulatorConfig, parse_phase, simulate_phases
 TINY = BuildConfig(window_lo=-1000.0, window_hi=1000.0)
 
 
-@pytest.fixture(scope="module")
-def phantom_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ctray.families.pix2pix.data import build
-
-    out = tmp_path_factory.mktemp("p2p_shards")
-    opts = {"resize_to": 32, "max_slices": 6}
-    build(out=out, phantom=3, config=TINY, options=opts, progress=False)
-    return out
-
-
-def test_tune_exports_a_model_that_predicts_a_volume(ray_session, phantom_pairs, tmp_path):
+def test_smoke_script_exports_a_model_that_predicts_a_volume(pix2pix_smoke_export, tmp_path):
     from ctray.families.pix2pix.data import phantom_pair
     from ctray.families.pix2pix.evaluate import evaluate_pair
     from ctray.inference import predict_volume
     from ctray.modeldir import load_model
-    from ctray.tune.export import export_best
-    from ctray.tune.runner import TuneSettings, run_tune
-    from ctray.tune.search_space import parse_search_space
 
-    space = parse_search_space(
-        {
-            "family": "pix2pix",
-            "preset": "debug",
-            "params": {"lambda_l1": {"loguniform": [10.0, 200.0]}},
-        }
-    )
-    settings = TuneSettings(
-        num_samples=2, epochs=2, batch_size=4, max_train_batches=3, max_val_batches=2
-    )
-    grid = run_tune(
-        space=space,
-        data_dir=phantom_pairs,
-        storage_path=str(tmp_path / "runs"),
-        name="p2p",
-        settings=settings,
-    )
-    assert len(grid) == 2 and not grid.errors
-    path, _ = export_best(grid, "pix2pix", tmp_path / "exported" / "best", experiment="p2p")
+    path = pix2pix_smoke_export / "smoke"
     meta = json.loads((path / "model.json").read_text())
     assert meta["family"] == "pix2pix" and meta["modules"] == ["generator"]
     assert meta["data"]["patch_size"] == [32, 32, 1]

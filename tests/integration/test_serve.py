@@ -72,10 +72,13 @@ def _export_test_model(out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory, smoke_export: Path) -> Path:
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, smoke_export: Path, pix2pix_smoke_export: Path
+) -> Path:
     root = tmp_path_factory.mktemp("serve_models")
     _export_test_model(root / "tiny")
     shutil.copytree(smoke_export / "smoke", root / "smoke")
+    shutil.copytree(pix2pix_smoke_export / "smoke", root / "p2p")
     return root
 
 
@@ -156,9 +159,10 @@ def _assert_error(r: httpx.Response, status: int, code: str, *needles: str) -> N
 
 def test_health_and_model_list(server: Server, client: CtrayClient) -> None:
     health = client.health()
-    assert health["status"] == "ok" and health["models"] == 2
+    assert health["status"] == "ok" and health["models"] == 3
     listed = {m["name"]: m for m in client.models()}
-    assert set(listed) == {"tiny", "smoke"}
+    assert set(listed) == {"tiny", "smoke", "p2p"}
+    assert listed["p2p"]["family"] == "pix2pix"
     tiny = listed["tiny"]
     assert tiny["family"] == "phase_gan"
     assert tiny["input"] == {
@@ -216,6 +220,17 @@ def test_smoke_tuned_model_is_hosted_and_answers(client: CtrayClient) -> None:
     out = _decode(data)
     assert out.shape == vol.shape
     np.testing.assert_allclose(out.affine, vol.affine, atol=1e-4)
+
+
+def test_pix2pix_model_is_hosted_without_serve_side_changes(client: CtrayClient) -> None:
+    """A 2D slice model (the pix2pix smoke export) through the same generic endpoint."""
+    vol = _reoriented(_phantom(seed=5, shape=(40, 36, 12), spacing=(6.0, 6.0, 5.0)), "lps")
+    out = _decode(client.predict(nifti_bytes(vol.array, vol.affine), "p2p"))
+    assert out.shape == vol.shape
+    np.testing.assert_allclose(out.affine, vol.affine, atol=1e-4)
+    with pytest.raises(ServeError) as err:  # pix2pix takes no conditioning
+        client.predict(nifti_bytes(vol.array, vol.affine), "p2p", target_phase="venous")
+    assert err.value.status == 422 and "target_phase" in str(err.value)
 
 
 # --------------------------------------------------------------------------- errors
@@ -295,7 +310,7 @@ def test_unknown_model_and_route(server: Server) -> None:
     _assert_error(httpx.get(f"{server.url}/v2/whatever", timeout=TIMEOUT), 404, "not_found")
     with CtrayClient(server.url, timeout=TIMEOUT) as c, pytest.raises(ServeError) as err:
         c.predict(_good(), "nope", target_phase="venous")
-    assert err.value.status == 404 and "available: smoke, tiny" in str(err.value)
+    assert err.value.status == 404 and "available: p2p, smoke, tiny" in str(err.value)
 
 
 def test_token_required_except_healthz(server: Server) -> None:
@@ -422,7 +437,7 @@ def test_cli_models_table(server: Server, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["NAME", "FAMILY", "METRIC", "VALUE", "IDENTITY"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert set(rows) == {"smoke", "tiny"}
+    assert set(rows) == {"p2p", "smoke", "tiny"}
     assert rows["tiny"][1:6] == ["phase_gan", "mae_hu", "(min)", "50", "60"]
 
 
