@@ -34,6 +34,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
             ray.init(address=address)
         else:
             cpus = num_cpus or max(8, 4 * (os.cpu_count() or 1))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+            # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train's
+            # PlacementGroupCleaner needs: without it, every finished or stopped trial leaks
+            # its worker group's placement group and later trials wait for CPUs forever.
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+            )
     configure_data()
     log.info("Ray resources: %s", ray.cluster_resources())
