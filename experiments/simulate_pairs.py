@@ -3,8 +3,9 @@
     python experiments/simulate_pairs.py --input ../shared/data/ct --out /tmp/pairs --phase venous
 
 Every ``NAME.nii.gz`` with ``NAME_seg.nii.gz`` (TotalSegmentator labels) gives ``trainA/NAME``
-and ``trainB/NAME`` from one simulation and ``testA/NAME`` / ``testB/NAME`` from another
-(different enhancement and noise draws, the same anatomy), voxel-aligned (not semi-paired).
+and ``trainB/NAME`` from one simulation and ``testA/NAME-sim1`` / ``testB/NAME-sim1`` from
+another (different enhancement draw, the same anatomy: it tests the intensity translation, not
+generalisation to new patients), voxel-aligned (not semi-paired).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             native = load_nifti(scan)
             labels = load_nifti(seg, dtype=np.uint8).array
-            for split, seed in (("train", 0), ("test", 1)):
+            for split, seed, name in (("train", 0, stem), ("test", 1, f"{stem}-sim1")):
                 sim = simulate_phases(
                     native,
                     labels,
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                     config=SimulatorConfig(semi_paired=False),
                 )
                 for side, phase in (("A", NATIVE_INDEX), ("B", target)):
-                    out = args.out / f"{split}{side}" / f"{stem}.nii.gz"
+                    out = args.out / f"{split}{side}" / f"{name}.nii.gz"
                     save_nifti(out, sim[phase].truth, native.affine)
             written += 1
     except (NiftiError, ValueError) as err:
