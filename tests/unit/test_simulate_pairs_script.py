@@ -36,5 +36,8 @@ def test_writes_train_and_test_pairs_on_the_input_grid(real_ct_dir: Path, tmp_pa
 
 
 def test_unknown_phase_is_a_clear_error(real_ct_dir: Path, tmp_path: Path, capsys) -> None:
-    assert _main()(["--input", str(real_ct_dir), "--out", str(tmp_path), "--phase", "portal-arterial"]) == 2
+    assert (
+        _main()(["--input", str(real_ct_dir), "--out", str(tmp_path), "--phase", "portal-arterial"])
+        == 2
+    )
     assert "unknown phase 'portal-arterial'" in capsys.readouterr().err
