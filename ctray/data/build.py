@@ -10,6 +10,7 @@ reason in the manifest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from ctray.config import to_dict
 from ctray.data.nifti import NiftiError, Volume, canonical_ras, resample_to_spacing
+from ctray.data.phantom import PhantomConfig
 from ctray.data.shards import (
     SPLITS,
     InputRecord,
@@ -88,6 +90,31 @@ class SubjectSource:
 
 class BuildError(RuntimeError):
     """A build cannot produce a usable dataset (no inputs, too few subjects, strict skip)."""
+
+
+def phantom_sources(
+    count: int,
+    rows: Callable[[int, str, np.random.Generator, str], tuple[list[Row], dict[str, Any]]],
+    *,
+    version: str,
+) -> list[SubjectSource]:
+    """Sources for ``count`` phantom demo subjects (``phantom-000`` ...).
+
+    ``rows(seed, subject, rng, split)`` makes a subject's rows; ``version`` names the family's
+    phantom recipe, so changing the recipe changes the checksums and rebuilds the shards.
+    """
+    sources = []
+    for k in range(count):
+        key = hashlib.sha256(f"{version}:{PhantomConfig()}:{k}".encode()).hexdigest()
+        sources.append(
+            SubjectSource(
+                subject=f"phantom-{k:03d}",
+                paths={"phantom": f"phantom:seed={k}"},
+                checksums={"phantom": key},
+                make_rows=functools.partial(rows, k, f"phantom-{k:03d}"),
+            )
+        )
+    return sources
 
 
 def prepare(vol: Volume, spacing: Sequence[float], *, mode: str = "bilinear") -> Volume:

@@ -11,7 +11,6 @@ import gzip
 import io
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ import nibabel as nib
 import numpy as np
 import torch
 from nibabel import orientations as nio
+
+from ctray.files import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
@@ -383,16 +384,7 @@ def save_nifti(
     """
     path = Path(path)
     data = nifti_bytes(array, affine, dtype=dtype, compress=path.name.endswith(".gz"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 # --------------------------------------------------------------------------- geometry

@@ -7,12 +7,13 @@ client.predict_file("ct.nii.gz", "venous.nii.gz", "phase_gan_best", target_phase
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from ctray.files import atomic_write_bytes
 
 
 class ServeError(RuntimeError):
@@ -68,17 +69,7 @@ class CtrayClient:
     ) -> Path:
         """Predict ``in_path`` and write the result atomically to ``out_path`` (.nii.gz)."""
         data = self.predict(in_path, model, **conditioning)
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return out
+        return atomic_write_bytes(out_path, data)
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:

@@ -13,7 +13,6 @@ studies have no aligned truth: their `truth` is the observed target.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,12 +30,13 @@ from ctray.data.build import (
     crop,
     hu_stats,
     pad_to,
+    phantom_sources,
     prepare,
     sample_origins,
 )
 from ctray.data.nifti import HUWindow, NiftiError, Volume, load_nifti, resample_like
 from ctray.data.organs import organ_mask
-from ctray.data.phantom import PhantomConfig, make_phantom
+from ctray.data.phantom import make_phantom
 from ctray.data.phases import PHASES, SimulatorConfig, parse_phase, simulate_phases
 from ctray.data.shards import Manifest, sha256_file
 from ctray.metrics import LABEL_CLASSES
@@ -185,28 +185,15 @@ def _rows(
 def _phantom_sources(
     count: int, config: BuildConfig, opts: PhaseGANDataOptions
 ) -> list[SubjectSource]:
-    sources = []
-    for k in range(count):
-        subject = f"phantom-{k:03d}"
-        key = hashlib.sha256(f"{PHANTOM_VERSION}:{PhantomConfig()}:{k}".encode()).hexdigest()
+    def rows(k: int, subject: str, rng: np.random.Generator, split: str):
+        raw, ts = make_phantom(seed=k)
+        native = prepare(raw, config.spacing)
+        ts_vol = Volume(array=ts.astype(np.float32), affine=raw.affine)
+        ts_arr = prepare(ts_vol, config.spacing, mode="nearest").array.round().astype(np.uint8)
+        data = _simulated(native, ts_arr, seed=k, opts=opts)
+        return _rows(subject, data, split=split, rng=rng, config=config, opts=opts)
 
-        def make(rng: np.random.Generator, split: str, k: int = k, subject: str = subject):
-            raw, ts = make_phantom(seed=k)
-            native = prepare(raw, config.spacing)
-            ts_vol = Volume(array=ts.astype(np.float32), affine=raw.affine)
-            ts_arr = prepare(ts_vol, config.spacing, mode="nearest").array.round().astype(np.uint8)
-            data = _simulated(native, ts_arr, seed=k, opts=opts)
-            return _rows(subject, data, split=split, rng=rng, config=config, opts=opts)
-
-        sources.append(
-            SubjectSource(
-                subject=subject,
-                paths={"phantom": f"phantom:seed={k}"},
-                checksums={"phantom": key},
-                make_rows=make,
-            )
-        )
-    return sources
+    return phantom_sources(count, rows, version=PHANTOM_VERSION)
 
 
 def _native_sources(

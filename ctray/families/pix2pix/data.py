@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from ctray.config import from_dict
-from ctray.data.build import BuildConfig, Row, SubjectSource, build_shards, hu_stats
+from ctray.data.build import (
+    BuildConfig,
+    Row,
+    SubjectSource,
+    build_shards,
+    hu_stats,
+    phantom_sources,
+)
 from ctray.data.nifti import HUWindow, NiftiError, Volume, canonical_ras, load_nifti, resample_like
 from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.data.phases import NATIVE_INDEX, SimulatorConfig, parse_phase, simulate_phases
@@ -297,25 +303,12 @@ def phantom_pair(seed: int, config: PhantomConfig = PhantomConfig()) -> tuple[Vo
 
 
 def _phantom_sources(count: int, window: HUWindow, opts: Pix2PixDataOptions) -> list[SubjectSource]:
-    sources = []
-    for k in range(count):
-        subject = f"phantom-{k:03d}"
-        key = hashlib.sha256(f"{PHANTOM_VERSION}:{PhantomConfig()}:{k}".encode()).hexdigest()
+    def rows(k: int, subject: str, rng: np.random.Generator, split: str):
+        a, b = phantom_pair(k)
+        made = slice_rows(subject, a.array, b, window=window, opts=opts, rng=rng)
+        return made, _stats(a, made)
 
-        def make(rng: np.random.Generator, split: str, k: int = k, subject: str = subject):
-            a, b = phantom_pair(k)
-            rows = slice_rows(subject, a.array, b, window=window, opts=opts, rng=rng)
-            return rows, _stats(a, rows)
-
-        sources.append(
-            SubjectSource(
-                subject=subject,
-                paths={"phantom": f"phantom:seed={k}"},
-                checksums={"phantom": key},
-                make_rows=make,
-            )
-        )
-    return sources
+    return phantom_sources(count, rows, version=PHANTOM_VERSION)
 
 
 def build(
