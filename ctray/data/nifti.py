@@ -26,12 +26,15 @@ from ctray.files import atomic_write_bytes
 
 __all__ = [
     "DEFAULT_MAX_VOXELS",
+    "NIFTI_SUFFIXES",
     "HUWindow",
     "NiftiError",
     "Volume",
     "canonical_ras",
+    "is_nifti",
     "load_nifti",
     "nifti_bytes",
+    "nifti_stem",
     "read_header_shape",
     "resample_like",
     "resample_to_spacing",
@@ -46,6 +49,22 @@ MAX_SPACING_MM = 100.0
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEAD_BYTES = 540  # NIfTI-2 header size; NIfTI-1 needs 348
 _PathLike = str | os.PathLike
+
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: Path) -> bool:
+    """Whether a file name is a NIfTI volume (.nii or .nii.gz)."""
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def nifti_stem(path: Path) -> str:
+    """The name without .nii / .nii.gz (``case1.nii.gz`` -> ``case1``)."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
 
 
 class NiftiError(ValueError):

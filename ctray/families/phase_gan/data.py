@@ -34,14 +34,21 @@ from ctray.data.build import (
     prepare,
     sample_origins,
 )
-from ctray.data.nifti import HUWindow, NiftiError, Volume, load_nifti, resample_like
+from ctray.data.nifti import (
+    HUWindow,
+    NiftiError,
+    Volume,
+    is_nifti,
+    load_nifti,
+    nifti_stem,
+    resample_like,
+)
 from ctray.data.organs import organ_mask
 from ctray.data.phantom import make_phantom
 from ctray.data.phases import PHASES, SimulatorConfig, parse_phase, simulate_phases
 from ctray.data.shards import Manifest, sha256_file
 from ctray.metrics import LABEL_CLASSES
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PHANTOM_VERSION = "phantom-v1"
 AIR_HU = -1000.0
 BODY_HU = -500.0
@@ -72,18 +79,6 @@ class PhaseGANDataOptions:
         if not pairs:
             raise ValueError("source and target phases leave no pair with different phases")
         return pairs
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
 
 
 def coarse_labels(ts_labels: np.ndarray | None, native_hu: np.ndarray) -> np.ndarray:
@@ -204,7 +199,7 @@ def _native_sources(
 ) -> list[SubjectSource]:
     sources = []
     for scan in scans:
-        seg = scan.with_name(f"{_stem(scan)}_seg{scan.name[len(_stem(scan)) :]}")
+        seg = scan.with_name(f"{nifti_stem(scan)}_seg{scan.name[len(nifti_stem(scan)) :]}")
         if not seg.is_file():
             skipped.append(
                 {
@@ -216,7 +211,8 @@ def _native_sources(
             continue
         checks = {"scan": sha256_file(scan), "labels": sha256_file(seg)}
         for j in range(opts.simulations):
-            subject = _stem(scan) if opts.simulations == 1 else f"{_stem(scan)}-sim{j}"
+            stem = nifti_stem(scan)
+            subject = stem if opts.simulations == 1 else f"{stem}-sim{j}"
 
             def make(
                 rng: np.random.Generator,
@@ -261,11 +257,11 @@ def _study_sources(
     for folder in folders:
         files: dict[int, Path] = {}
         for path in sorted(folder.iterdir()):
-            if not _is_nifti(path):
+            if not is_nifti(path):
                 skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
                 continue
             try:
-                files[parse_phase(_stem(path))] = path
+                files[parse_phase(nifti_stem(path))] = path
             except ValueError as err:
                 skipped.append({"path": str(path), "reason": f"file name is not a phase: {err}"})
         if len(files) < 2:
@@ -317,8 +313,8 @@ def scan_inputs(
     for path in sorted(root.iterdir()):
         if path.is_dir():
             folders.append(path)
-        elif _is_nifti(path):
-            if not _stem(path).endswith("_seg"):
+        elif is_nifti(path):
+            if not nifti_stem(path).endswith("_seg"):
                 scans.append(path)
         elif not path.name.startswith("."):
             skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})

@@ -42,14 +42,22 @@ from ctray.data.build import (
     hu_stats,
     phantom_sources,
 )
-from ctray.data.nifti import HUWindow, NiftiError, Volume, canonical_ras, load_nifti, resample_like
+from ctray.data.nifti import (
+    HUWindow,
+    NiftiError,
+    Volume,
+    canonical_ras,
+    is_nifti,
+    load_nifti,
+    nifti_stem,
+    resample_like,
+)
 from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.data.phases import NATIVE_INDEX, SimulatorConfig, parse_phase, simulate_phases
 from ctray.data.shards import Manifest, sha256_file
 from ctray.data.slices import resize_slices
 from ctray.metrics import LABEL_CLASSES
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 PHANTOM_VERSION = "pix2pix-phantom-v1"
 BODY_HU = -500.0
 AFFINE_TOL = 1e-3
@@ -84,20 +92,13 @@ class PairPaths:
     split: str | None = None
 
 
-def _stem(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
-
-
 def _niftis(folder: Path, skipped: list[dict[str, str]]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
-            found[_stem(path)] = path
+        if path.is_file() and is_nifti(path):
+            found[nifti_stem(path)] = path
         else:
             skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
     return found
@@ -136,7 +137,7 @@ def read_pairs_csv(path: Path, skipped: list[dict[str, str]]) -> list[PairPaths]
             skipped.append({"path": a or b or str(path), "reason": f"line {i}: {which}"})
             continue
         pa, pb = (p if Path(p).is_absolute() else path.parent / p for p in (a, b))
-        subject = (row.get("subject") or "").strip() or _stem(Path(pa))
+        subject = (row.get("subject") or "").strip() or nifti_stem(Path(pa))
         if subject in seen:
             skipped.append({"path": str(pa), "reason": f"duplicate subject {subject!r}"})
             continue
