@@ -8,19 +8,17 @@ import sys
 from pathlib import Path
 
 from ctray.config import ConfigError
-from ctray.data.build import BuildError
-from ctray.data.nifti import NiftiError
 from ctray.experiment import (
+    USER_ERRORS,
     ExperimentDefaults,
     add_data_arguments,
     build_config,
     parse_options,
     report_build,
+    report_user_error,
 )
 from ctray.registry import family_names, get_family
 from ctray.serve.cli import add_commands as add_serve_commands
-
-USER_ERRORS = (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError)
 
 
 def _families(args: argparse.Namespace) -> int:
@@ -98,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
     except USER_ERRORS as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+        return report_user_error(err)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ from ctray.tune.search_space import load_search_space
 
 log = logging.getLogger("ctray")
 
+# Faults in what a user typed or pointed at: a one-line message and exit code 2, no traceback.
+USER_ERRORS = (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError)
+
+
+def report_user_error(err: Exception) -> int:
+    """Print ``err`` as one line on stderr (KeyError without its quotes); returns exit code 2."""
+    print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    return 2
+
 
 @dataclass(frozen=True, kw_only=True)
 class ExperimentDefaults:
@@ -224,9 +233,8 @@ def run(
         defaults = smoke
     try:
         return _run(family, args, defaults)
-    except (ConfigError, BuildError, NiftiError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_user_error(err)
 
 
 def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.config import from_dict
+from ctray.config import from_dict, to_dict
 from ctray.data.build import (
     BuildConfig,
     Row,
@@ -345,6 +345,6 @@ def build(
         sources=sources,
         skipped=skipped,
         config=config,
-        family_options={k: list(v) if isinstance(v, tuple) else v for k, v in vars(opts).items()},
+        family_options=to_dict(opts),
         progress=progress,
     )

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ctray.config import from_dict
+from ctray.config import from_dict, to_dict
 from ctray.data.build import (
     BuildConfig,
     Row,
@@ -341,6 +341,6 @@ def build(
         sources=sources,
         skipped=skipped,
         config=config,
-        family_options=dataclasses.asdict(opts),
+        family_options=to_dict(opts),
         progress=progress,
     )
