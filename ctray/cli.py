@@ -24,8 +24,9 @@ from ctray.serve.cli import add_commands as add_serve_commands
 def _families(args: argparse.Namespace) -> int:
     for name in family_names():
         spec = get_family(name)
+        stages = ", ".join(f"{s.name}: val/{s.metric} {s.mode}" for s in spec.stages)
         print(
-            f"{name:12s} {spec.description}  (metric val/{spec.metric}, {spec.mode}; "
+            f"{name:12s} {spec.description}  (stages {stages}; "
             f"presets: {', '.join(sorted(spec.presets))})"
         )
     return 0

@@ -2,8 +2,10 @@
 
 Layout of ``EXPORT/<name>/``::
 
-    model.json           format, name, family, family config, data geometry (patch size,
-                         spacing, HU window), validation metrics, conditioning inputs, source
+    model.json           format, name, family, stage (and whether it is servable), lineage
+                         (the export and weights digest each earlier stage came from),
+                         family config, data geometry (patch size, spacing, HU window,
+                         output grid), validation metrics, conditioning inputs, source
     weights.safetensors  the inference modules' tensors, keys "<module>.<parameter>"
 
 No pickle anywhere: JSON plus safetensors, so loading a model cannot execute code. A directory
@@ -12,11 +14,13 @@ is written under a temporary name and renamed into place, so a reader never sees
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,37 +57,58 @@ class LoadedModel:
         return self
 
 
+def weights_digest(path: str | Path) -> str:
+    """SHA-256 of a model directory's weights file: the fingerprint lineage records."""
+    digest = hashlib.sha256()
+    with open(Path(path) / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def export_model(
     out: str | Path,
     *,
     spec: FamilySpec,
+    stage: str | None = None,
     family_config: dict[str, Any],
     data: dict[str, Any],
     state: dict[str, dict[str, torch.Tensor]],
     metrics: dict[str, Any],
     source: dict[str, Any] | None = None,
+    lineage: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write a model directory at ``out`` (replacing one that is there) and return its path."""
+    """Write a model directory at ``out`` (replacing one that is there) and return its path.
+
+    ``stage`` names the trained stage (default: the family's last); the directory carries every
+    module that stage's inference needs, earlier stages' included, and ``lineage`` records
+    which export each earlier stage came from.
+    """
     out = Path(out)
-    missing = [m for m in spec.inference_models if m not in state]
+    trained = spec.stage(stage) if stage is not None else spec.final
+    modules = trained.inference_models
+    missing = [m for m in modules if m not in state]
     if missing:
         raise ValueError(f"checkpoint lacks module(s) {', '.join(missing)} needed by {spec.name}")
     tensors = {
         f"{module}.{key}": value.detach().cpu().contiguous()
-        for module in spec.inference_models
+        for module in modules
         for key, value in state[module].items()
     }
     meta = {
         "format": FORMAT,
         "name": out.name,
         "family": spec.name,
+        "stage": trained.name,
+        "servable": trained is spec.final,
+        "lineage": list(lineage or []),
         "family_config": family_config,
         "data": data,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
         "conditioning": {
             k: {"default": c.default, "help": c.help} for k, c in spec.conditioning.items()
         },
-        "modules": list(spec.inference_models),
+        "modules": list(modules),
         "source": source or {},
         "created": time.time(),
         "ctray_version": __version__,
@@ -117,6 +142,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def read_weights(path: str | Path, modules: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-module state dicts of a model directory's safetensors file (no pickle)."""
+    tensors = load_file(str(Path(path) / WEIGHTS))
+    out = {}
+    for module in modules:
+        prefix = f"{module}."
+        out[module] = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not out[module]:
+            raise ValueError(f"{path}: no weights for module {module!r}")
+    return out
+
+
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the family's modules from model.json and load the safetensors weights."""
     path = Path(path)
@@ -125,11 +162,8 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
     config = from_dict(spec.config_cls, meta["family_config"], where=f"{path / META}")
     data = DataInfo.from_dict(meta["data"])
     built = spec.build_models(config, data)
-    tensors = load_file(str(path / WEIGHTS))
     models = {}
-    for module in meta["modules"]:
-        prefix = f"{module}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for module, state in read_weights(path, meta["modules"]).items():
         built[module].load_state_dict(state)
         models[module] = built[module].eval()
     return LoadedModel(

@@ -23,14 +23,37 @@ Optimizers = dict[str, torch.optim.Optimizer]
 
 @dataclass(frozen=True, kw_only=True)
 class DataInfo:
-    """What a model must know about the data it was trained on (read from the shard manifest)."""
+    """What a model must know about the data it was trained on (read from the shard manifest).
+
+    Attributes:
+        patch_size: the model's input patch, in voxels.
+        spacing: the voxel size (mm) the input is resampled to.
+        window: the HU window mapped to [0, 1].
+        resize_inplane: 2D slice models (patch (H, W, 1)): each axial slice is resized in-plane
+            to (H, W) instead of being resampled to ``spacing``; z keeps the input's slices.
+        output_scale: the output grid rule. The output has ``output_scale[i]`` times as many
+            voxels along axis i at ``spacing[i] / output_scale[i]``, covering the same world
+            extent (1, 1, 1: the input's own grid; (1, 1, 5): five thin slices per thick one).
+    """
 
     patch_size: tuple[int, ...]
     spacing: tuple[float, float, float]
     window: dict[str, float]
-    # 2D slice models (patch (H, W, 1)): each axial slice is resized in-plane to (H, W) instead of
-    # being resampled to ``spacing``; z keeps the input's own slices. Off for older models.
     resize_inplane: bool = False
+    output_scale: tuple[int, int, int] = (1, 1, 1)
+
+    def __post_init__(self) -> None:
+        if len(self.output_scale) != 3 or any(int(s) < 1 for s in self.output_scale):
+            raise ValueError(f"output_scale must be 3 integers >= 1, got {self.output_scale}")
+
+    @property
+    def same_grid(self) -> bool:
+        return tuple(self.output_scale) == (1, 1, 1)
+
+    @property
+    def output_patch(self) -> tuple[int, ...]:
+        """The model's output patch size (patch_size scaled by output_scale)."""
+        return tuple(p * s for p, s in zip(self.patch_size, self.output_scale, strict=False))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataInfo:
@@ -40,6 +63,7 @@ class DataInfo:
             spacing=tuple(float(s) for s in data["spacing"]),
             window=dict(data["window"]),
             resize_inplane=bool(data.get("resize_inplane", False)),
+            output_scale=tuple(int(s) for s in data.get("output_scale", (1, 1, 1))),
         )
 
     @classmethod
@@ -50,10 +74,11 @@ class DataInfo:
             spacing=tuple(manifest.spacing),
             window=dict(manifest.window),
             resize_inplane=bool(manifest.build.get("resize_inplane", False)),
+            output_scale=tuple(int(s) for s in manifest.build.get("output_scale", (1, 1, 1))),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain-JSON form; ``resize_inplane`` is written only when set (older readers)."""
+        """Plain-JSON form; optional keys are written only when set (older readers)."""
         out: dict[str, Any] = {
             "patch_size": list(self.patch_size),
             "spacing": list(self.spacing),
@@ -61,21 +86,37 @@ class DataInfo:
         }
         if self.resize_inplane:
             out["resize_inplane"] = True
+        if not self.same_grid:
+            out["output_scale"] = list(self.output_scale)
         return out
 
 
 @dataclass(kw_only=True)
 class StepContext:
-    """What a family's train/eval step may use; the generic loop owns everything in it."""
+    """What a family's train/eval step may use; the generic loop owns everything in it.
+
+    Attributes:
+        models: the stage's modules: trained ones (DDP-wrapped when distributed) and the
+            frozen modules of earlier stages (bare, in ``eval()``, no gradient). In
+            evaluation, a model with an EMA copy is replaced by that copy.
+        optimizers: the stage's optimisers, by name.
+        step: global optimiser step of this stage (counts updates, across epochs and resumes).
+        optimize: ``optimize(loss, *optimizer_names)`` back-propagates ``loss`` and, on every
+            ``accumulate``-th call per optimiser, clips its gradients and steps it. Families
+            call this instead of ``loss.backward(); opt.step()``.
+    """
 
     models: Models
     optimizers: Optimizers
     config: Any
     data: DataInfo
+    stage: str
     epoch: int
     num_epochs: int
+    step: int
     device: torch.device
     autocast: Callable[[], AbstractContextManager[Any]]
+    optimize: Callable[..., bool]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,39 +128,131 @@ class Condition:
     help: str
 
 
+def _no_warmup(config: Any) -> int:
+    return 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    """One training stage of a family: what it trains, how, and what it is judged by.
+
+    Models of earlier stages come in frozen (loaded from an earlier export or trained earlier
+    in the same run); models of later stages are not built into the step context at all.
+
+    Attributes:
+        name: stage name (``train`` for single-stage families).
+        trains: the modules this stage optimises.
+        build_optimizers: (config, models) -> named optimisers over ``trains`` only.
+        train_step: one optimisation step on a batch (calls ``ctx.optimize``); returns scalar
+            losses for logging.
+        eval_step: per-sample validation metrics, each a tensor of shape (B,); NaN = not
+            applicable for that sample. Baselines are reported as ``<baseline>_<metric>``.
+        preview: (models, batch, config) -> (input, output, target) 3D tensors for montages.
+        metric/mode: what Tune optimises in this stage; reported as ``val/<metric>``.
+        inference_models: modules the export of this stage carries (earlier stages' included),
+            so an export is self-contained.
+        ema: trained modules that keep an exponential moving average; the average is what
+            evaluation sees and what is exported.
+        warmup_epochs: (config) -> epochs before the metric reflects training (e.g. a
+            detector pre-training phase); early stopping never judges a trial before them.
+        init: optional training-time hook (config, models) run once on a fresh start, the only
+            place a family may read files (e.g. a pretrained encoder); never on export load.
+        loop_defaults: LoopConfig values this stage needs unless the user overrides them
+            (e.g. ``{"grad_clip": 1.0, "val_every": 2}``).
+    """
+
+    name: str
+    trains: tuple[str, ...]
+    build_optimizers: Callable[[Any, Models], Optimizers]
+    train_step: Callable[[StepContext, Batch], dict[str, float]]
+    eval_step: Callable[[StepContext, Batch], dict[str, torch.Tensor]]
+    preview: Callable[[Models, Batch, Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    metric: str
+    mode: str
+    inference_models: tuple[str, ...]
+    ema: tuple[str, ...] = ()
+    warmup_epochs: Callable[[Any], int] = _no_warmup
+    init: Callable[[Any, Models], None] | None = None
+    loop_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"stage {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")
+        stray = sorted(set(self.ema) - set(self.trains))
+        if stray:
+            raise ValueError(f"stage {self.name!r}: EMA of untrained module(s) {stray}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FamilySpec:
     """Everything ctray needs to train, tune, export and serve one model family.
 
     Attributes:
-        build_models: (config, data) -> named modules; GAN parts are just more names.
-        build_optimizers: (config, models) -> named optimisers.
-        train_step: one optimisation step on a batch; returns scalar losses for logging.
-        eval_step: per-sample validation metrics, each a tensor of shape (B,); NaN = not
-            applicable for that sample (e.g. an organ absent from the patch).
-        predict: (models, x, config, conditioning) -> y on normalised patches (B, 1, *patch).
-        preview: (models, batch, config) -> (input, output, target) 3D tensors for montages.
+        build_models: (config, data) -> every named module of every stage; pure construction
+            (no file I/O), so an export loads anywhere with only its own directory.
+        stages: ordered training stages; the last one's export is the servable model.
+        predict: (models, x, config, conditioning) -> y on normalised patches (B, 1, *patch);
+            y is ``data.output_scale`` times larger per axis than x.
         build_shards: the family's data builder behind ``ctray data build``.
-        metric/mode: what Tune optimises; reported as ``val/<metric>``.
-        inference_models: the modules an exported model needs at predict time.
+        columns: shard columns the steps read.
+        baselines: names of the trivial baselines eval steps report beside the model
+            (``identity``, ``cubic`` ...): the run summary prints the model beside each.
     """
 
     name: str
     description: str
     config_cls: type
     build_models: Callable[[Any, DataInfo], Models]
-    build_optimizers: Callable[[Any, Models], Optimizers]
-    train_step: Callable[[StepContext, Batch], dict[str, float]]
-    eval_step: Callable[[StepContext, Batch], dict[str, torch.Tensor]]
+    stages: tuple[Stage, ...]
     predict: Callable[[Models, torch.Tensor, Any, Mapping[str, Any]], torch.Tensor]
-    preview: Callable[[Models, Batch, Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     build_shards: Callable[..., Any]
     columns: tuple[str, ...]
-    metric: str
-    mode: str
-    inference_models: tuple[str, ...]
+    baselines: tuple[str, ...] = ()
     conditioning: Mapping[str, Condition] = field(default_factory=dict)
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError(f"family {self.name!r} declares no stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"family {self.name!r}: duplicate stage names {names}")
+
+    @property
+    def final(self) -> Stage:
+        """The last stage: its export is what the server hosts."""
+        return self.stages[-1]
+
+    def stage(self, name: str | None = None) -> Stage:
+        """The stage called ``name`` (None: the only stage); unknown names list valid ones."""
+        if name is None:
+            if len(self.stages) > 1:
+                raise ValueError(
+                    f"family {self.name!r} trains in stages; pick one of: "
+                    f"{', '.join(self.stage_names())}"
+                )
+            return self.stages[0]
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(
+            f"family {self.name!r} has no stage {name!r}; valid stages: "
+            f"{', '.join(self.stage_names())}"
+        )
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def earlier(self, stage: Stage) -> tuple[Stage, ...]:
+        """The stages before ``stage``, whose modules it uses frozen."""
+        return self.stages[: self.stages.index(stage)]
+
+    def frozen_modules(self, stage: Stage) -> tuple[str, ...]:
+        """Modules trained by earlier stages: loaded, frozen, never DDP-wrapped."""
+        out: list[str] = []
+        for s in self.earlier(stage):
+            out.extend(m for m in s.trains if m not in out and m not in stage.trains)
+        return tuple(out)
 
     def preset(self, name: str) -> dict[str, Any]:
         """The overrides of a named preset; an unknown name lists the valid ones."""

@@ -38,23 +38,23 @@ def gan_loss(logits: torch.Tensor, real: bool, mode: GANMode = "vanilla") -> tor
 
 def discriminator_step(
     disc: nn.Module,
-    opt: torch.optim.Optimizer,
     real: torch.Tensor,
     fake: torch.Tensor,
+    optimize: Callable[[torch.Tensor], Any],
     *,
     mode: GANMode = "vanilla",
     autocast: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> float:
     """One D update; returns its loss. ``fake`` is detached here: no gradient reaches G.
 
+    ``optimize(loss)`` back-propagates and steps D's optimiser (in the loop:
+    ``lambda loss: ctx.optimize(loss, "d")``, which adds accumulation and clipping).
     Real and fake go through one forward pass, which DDP requires when a module is used once per
     backward (with batch norm they also share the batch statistics).
     """
-    opt.zero_grad(set_to_none=True)
     with autocast() if autocast is not None else nullcontext():
         logits = last_logits(disc(torch.cat((real, fake.detach()), dim=0)))
         real_logits, fake_logits = logits.chunk(2, dim=0)
         loss = 0.5 * (gan_loss(real_logits, True, mode) + gan_loss(fake_logits, False, mode))
-    loss.backward()
-    opt.step()
+    optimize(loss)
     return float(loss.detach())

@@ -14,8 +14,11 @@ from ctray.modeldir import find_models, read_meta
 from ctray.registry import get_family
 
 
-def discover(root: str | Path) -> dict[str, Path]:
+def discover(root: str | Path, *, servable_only: bool = True) -> dict[str, Path]:
     """Model name (its directory's name, the URL segment) -> directory, for every model in root.
+
+    Exports of an intermediate training stage (e.g. a diffusion family's autoencoder) are
+    skipped unless ``servable_only`` is False: only a family's last stage predicts.
 
     Raises:
         FileNotFoundError: root is missing or holds no exported model.
@@ -25,10 +28,21 @@ def discover(root: str | Path) -> dict[str, Path]:
     paths = find_models(root)
     if not paths:
         raise FileNotFoundError(f"{root}: no exported models (no */model.json below it)")
+    found = _collect(paths, servable_only)
+    if not found:
+        raise FileNotFoundError(
+            f"{root}: only intermediate-stage exports; train the family's last stage to serve"
+        )
+    return found
+
+
+def _collect(paths: list[Path], servable_only: bool) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in paths:
         meta = read_meta(path)
         get_family(meta["family"])  # an unknown family fails here, listing the valid ones
+        if servable_only and not meta.get("servable", True):
+            continue
         if path.name in found:
             raise ValueError(
                 f"two models are called {path.name!r}: {found[path.name]} and {path}; "
@@ -63,18 +77,33 @@ def _finite(v: Any) -> bool:
 
 def table(root: str | Path) -> str:
     """A text table of the models below root: family, target metric and its identity baseline."""
-    rows = [("NAME", "FAMILY", "METRIC", "VALUE", "IDENTITY", "CONDITIONING", "SPACING", "PATCH")]
-    for name, path in discover(root).items():
+    rows = [
+        (
+            "NAME",
+            "FAMILY",
+            "STAGE",
+            "METRIC",
+            "VALUE",
+            "BASELINE",
+            "CONDITIONING",
+            "SPACING",
+            "PATCH",
+        )
+    ]
+    for name, path in discover(root, servable_only=False).items():
         meta = read_meta(path)
         spec = get_family(meta["family"])
+        stage = spec.stage(meta.get("stage") or spec.final.name)
         metrics = meta.get("metrics", {})
+        baseline = next((b for b in spec.baselines if f"{b}_{stage.metric}" in metrics), None)
         rows.append(
             (
                 name,
                 spec.name,
-                f"{spec.metric} ({spec.mode})",
-                _fmt(metrics.get(spec.metric)),
-                _fmt(metrics.get(f"identity_{spec.metric}")),
+                stage.name if meta.get("servable", True) else f"{stage.name} (not servable)",
+                f"{stage.metric} ({stage.mode})",
+                _fmt(metrics.get(stage.metric)),
+                f"{baseline} {_fmt(metrics[f'{baseline}_{stage.metric}'])}" if baseline else "-",
                 ",".join(meta.get("conditioning", {})) or "-",
                 "x".join(f"{s:g}" for s in meta["data"]["spacing"]) + " mm",
                 "x".join(str(p) for p in meta["data"]["patch_size"]),

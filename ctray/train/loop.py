@@ -1,9 +1,11 @@
 """The one training loop every family runs inside Ray Train workers.
 
-It owns what no family should re-implement: device and DDP wrapping, bf16 autocast on CUDA,
-resuming from the latest checkpoint, per-epoch checkpoints (models, optimisers, epoch, RNG),
-validation metrics averaged across workers, `ray.train.report`, TensorBoard scalars and
-montages. Families plug in through their FamilySpec steps.
+It owns what no family should re-implement: one stage of a family at a time (earlier stages'
+modules loaded from their export and frozen), device and DDP wrapping of the trained modules
+only, bf16 autocast on CUDA, gradient accumulation and clipping, EMA copies, the global step,
+validation every N epochs with metrics averaged across workers, `ray.train.report` with a
+checkpoint (models, optimisers, EMA, epoch, step, every rank's RNG), exact resume, TensorBoard
+scalars and montages. Families plug in through the steps of their Stage.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import tempfile
 import time
 from collections import defaultdict
@@ -28,8 +29,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ctray.config import from_dict
-from ctray.registry import DataInfo, FamilySpec, StepContext, get_family
+from ctray.registry import DataInfo, FamilySpec, Stage, StepContext, get_family
 from ctray.train.montage import montage
+from ctray.train.optimization import Optimization
+from ctray.train.state import (
+    all_rng_states,
+    ema_weights,
+    make_ema,
+    restore_rank_rng,
+    seed_everything,
+)
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "train_config.json"
@@ -42,24 +51,45 @@ class LoopConfig:
 
     Attributes:
         family: registered family name.
+        stage: which of the family's stages to train (None: a single-stage family's only one).
+        init_from: an exported model directory holding the frozen earlier stages' modules
+            (needed by every stage but the first).
         epochs: total epochs (a resumed run continues up to this).
         batch_size: per-worker batch size.
         seed: base seed; each worker adds its rank.
         precision: ``auto`` = bf16 autocast on CUDA, fp32 on CPU.
+        accumulate: micro-batches per optimiser step.
+        grad_clip: max gradient norm per optimiser step (None: off).
+        ema_decay: decay of the EMA copies the stage declares.
+        val_every: validate (and report, and checkpoint) every N epochs; the last epoch always.
         max_train_batches / max_val_batches: per-epoch caps (smoke tests).
         shuffle_buffer: rows in the local shuffle buffer of the train stream.
         tensorboard_dir: where rank 0 writes TensorBoard events (None: off).
     """
 
     family: str
+    stage: str | None = None
+    init_from: str | None = None
     epochs: int = 4
     batch_size: int = 4
     seed: int = 0
     precision: Precision = "auto"
+    accumulate: int = 1
+    grad_clip: float | None = None
+    ema_decay: float = 0.999
+    val_every: int = 1
     max_train_batches: int | None = None
     max_val_batches: int | None = None
     shuffle_buffer: int = 64
     tensorboard_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+
+    def validates(self, epoch: int) -> bool:
+        """Whether ``epoch`` (0-based) ends with validation, a report and a checkpoint."""
+        return (epoch + 1) % self.val_every == 0 or epoch == self.epochs - 1
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -76,17 +106,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_state(
-    path: Path, models: dict[str, nn.Module], optimizers: dict[str, Any], epoch: int
-) -> None:
-    """Everything needed to resume, in a file torch.load(weights_only=True) can read."""
-    state = {
-        "epoch": epoch,
-        "models": {k: unwrap(m).state_dict() for k, m in models.items()},
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": list(random.getstate()[1]),
-    }
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint file atomically, readable by torch.load(weights_only=True)."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -97,13 +118,21 @@ def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def exported_weights(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-module weights to export from a checkpoint: the EMA copy where there is one."""
+    return {**state["models"], **state.get("ema", {})}
+
+
 def _iterate(
-    split: str, loop: LoopConfig, device: torch.device, limit: int | None
+    split: str, loop: LoopConfig, device: torch.device, limit: int | None, seed: int
 ) -> Iterator[dict]:
     shard = ray.train.get_dataset_shard(split)
-    buffer = loop.shuffle_buffer if split == "train" else None
+    train = split == "train"
     batches = shard.iter_torch_batches(
-        batch_size=loop.batch_size, device=device, local_shuffle_buffer_size=buffer
+        batch_size=loop.batch_size,
+        device=device,
+        local_shuffle_buffer_size=loop.shuffle_buffer if train else None,
+        local_shuffle_seed=seed if train else None,
     )
     for i, batch in enumerate(batches):
         if limit is not None and i >= limit:
@@ -145,16 +174,84 @@ def _tensorboard(loop: LoopConfig, rank: int):
     return SummaryWriter(loop.tensorboard_dir)
 
 
+def _load_init(path: str, spec: FamilySpec, modules: tuple[str, ...], data: DataInfo):
+    """Weights of the frozen earlier-stage ``modules`` from an exported model directory."""
+    from ctray.modeldir import read_meta, read_weights
+
+    meta = read_meta(path)
+    if meta["family"] != spec.name:
+        raise ValueError(f"{path}: a {meta['family']!r} model cannot initialise {spec.name!r}")
+    missing = [m for m in modules if m not in meta["modules"]]
+    if missing:
+        raise ValueError(
+            f"{path}: lacks module(s) {', '.join(missing)} (it is a {meta.get('stage')!r} export)"
+        )
+    theirs = DataInfo.from_dict(meta["data"])
+    if (theirs.spacing, theirs.window, theirs.output_scale) != (
+        data.spacing,
+        data.window,
+        data.output_scale,
+    ):
+        raise ValueError(
+            f"{path} was trained on other data geometry (spacing {theirs.spacing}, window "
+            f"{theirs.window}) than these shards (spacing {data.spacing}, window {data.window})"
+        )
+    return read_weights(path, modules)
+
+
+class _Models:
+    """The stage's modules: trained (DDP-wrapped), frozen earlier stages, EMA copies."""
+
+    def __init__(self, spec: FamilySpec, stage: Stage, cfg: Any, data: DataInfo, loop: LoopConfig):
+        built = spec.build_models(cfg, data)
+        self.frozen = spec.frozen_modules(stage)
+        self.trains = stage.trains
+        missing = [m for m in (*self.trains, *self.frozen) if m not in built]
+        if missing:
+            raise ValueError(f"{spec.name}.build_models() lacks module(s) {missing}")
+        self.bare = {k: built[k] for k in (*self.frozen, *self.trains)}
+        self.ema = {k: make_ema(self.bare[k], loop.ema_decay) for k in stage.ema}
+        self.wrapped: dict[str, nn.Module] = {}
+
+    def freeze_and_place(self, device: torch.device) -> None:
+        """Frozen modules: no gradients, eval mode, never DDP. Trained ones: DDP when > 1 rank."""
+        for name in self.frozen:
+            module = self.bare[name].to(device).eval()
+            module.requires_grad_(False)
+            self.wrapped[name] = module
+        for name in self.trains:
+            self.wrapped[name] = ray.train.torch.prepare_model(self.bare[name])
+        for ema in self.ema.values():
+            ema.to(device)
+
+    def train_mode(self) -> dict[str, nn.Module]:
+        for name in self.trains:
+            self.wrapped[name].train()
+        return self.wrapped
+
+    def eval_mode(self) -> dict[str, nn.Module]:
+        """The models evaluation sees: EMA copies replace their modules."""
+        out = dict(self.wrapped)
+        for name, ema in self.ema.items():
+            out[name] = ema.module
+        for m in out.values():
+            m.eval()
+        return out
+
+    def update_ema(self) -> None:
+        for name, ema in self.ema.items():
+            ema.update_parameters(unwrap(self.wrapped[name]))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` has ``loop``, ``family_config`` and ``data`` dicts."""
     loop = from_dict(LoopConfig, config["loop"], where="loop config")
     spec: FamilySpec = get_family(loop.family)
+    stage = spec.stage(loop.stage)
     family_cfg = from_dict(spec.config_cls, config["family_config"], where=f"{spec.name} config")
     data = DataInfo.from_dict(config["data"])
-    ctx_train = ray.train.get_context()
-    rank = ctx_train.get_world_rank()
-    torch.manual_seed(loop.seed + rank)
-    random.seed(loop.seed + rank)
+    rank = ray.train.get_context().get_world_rank()
+    seed_everything(loop.seed + rank)
     device = ray.train.torch.get_device()
     dtype = resolve_precision(loop.precision, device)
 
@@ -163,86 +260,134 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    bare = spec.build_models(family_cfg, data)
-    optimizers = spec.build_optimizers(family_cfg, bare)
-    start_epoch = 0
+    models = _Models(spec, stage, family_cfg, data, loop)
+    frozen = models.frozen
+    if frozen and not loop.init_from:
+        earlier = ", ".join(s.name for s in spec.earlier(stage))
+        raise ValueError(
+            f"stage {stage.name!r} of {spec.name} trains on the frozen {earlier} stage: "
+            f"pass its export with --init-from DIR (or run all stages: --stage all)"
+        )
+    optimizers = stage.build_optimizers(family_cfg, {k: models.bare[k] for k in stage.trains})
+    start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_state(Path(ckpt_dir) / STATE_FILE)
-        for name, module in bare.items():
+        for name, module in models.bare.items():
             module.load_state_dict(state["models"][name])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch = int(state["epoch"]) + 1
-    models = {k: ray.train.torch.prepare_model(m) for k, m in bare.items()}
+        for name, ema in models.ema.items():
+            ema.module.load_state_dict(state["ema"][name])
+            ema.n_averaged.fill_(int(state["ema_count"][name]))
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        restore_rank_rng(state["rng"], rank, fallback_seed=loop.seed + rank + 7919 * start_epoch)
+    else:
+        if frozen:
+            weights = _load_init(loop.init_from, spec, frozen, data)
+            for name in frozen:
+                models.bare[name].load_state_dict(weights[name])
+        if stage.init is not None:
+            stage.init(family_cfg, {k: models.bare[k] for k in stage.trains})
+    models.freeze_and_place(device)
+    optimize = Optimization(
+        optimizers, accumulate=loop.accumulate, grad_clip=loop.grad_clip, step=step
+    )
     writer = _tensorboard(loop, rank)
-
+    ctx = StepContext(
+        models=models.wrapped,
+        optimizers=optimizers,
+        config=family_cfg,
+        data=data,
+        stage=stage.name,
+        epoch=start_epoch,
+        num_epochs=loop.epochs,
+        step=step,
+        device=device,
+        autocast=autocast,
+        optimize=optimize,
+    )
     for epoch in range(start_epoch, loop.epochs):
         started = time.perf_counter()
-        ctx = StepContext(
-            models=models,
-            optimizers=optimizers,
-            config=family_cfg,
-            data=data,
-            epoch=epoch,
-            num_epochs=loop.epochs,
-            device=device,
-            autocast=autocast,
-        )
-        for m in models.values():
-            m.train()
+        ctx.epoch = epoch
+        ctx.models = models.train_mode()
         train_mean = _Mean()
-        for batch in _iterate("train", loop, device, loop.max_train_batches):
-            for key, value in spec.train_step(ctx, batch).items():
+        shuffle_seed = loop.seed + rank + 7919 * epoch
+        for batch in _iterate("train", loop, device, loop.max_train_batches, shuffle_seed):
+            ctx.step = optimize.step
+            for key, value in stage.train_step(ctx, batch).items():
                 train_mean.add(key, value)
-        for m in models.values():
-            m.eval()
+            optimize.end_batch()
+            models.update_ema()
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "epochs_done": epoch + 1,
+            "step": optimize.step,
+            "epoch_time_s": time.perf_counter() - started,
+        }
+        metrics.update({f"train/{k}": v for k, v in train_mean.result().items()})
+        if not loop.validates(epoch):
+            if rank == 0:
+                print(
+                    f"[{spec.name}:{stage.name}] epoch {epoch + 1}/{loop.epochs} "
+                    f"{metrics['epoch_time_s']:.1f}s (no validation)",
+                    flush=True,
+                )
+            continue
+        ctx.models = models.eval_mode()
         val_mean = _Mean()
         preview = None
         with torch.no_grad():
-            for batch in _iterate("val", loop, device, loop.max_val_batches):
-                for key, values in spec.eval_step(ctx, batch).items():
+            for batch in _iterate("val", loop, device, loop.max_val_batches, 0):
+                for key, values in stage.eval_step(ctx, batch).items():
                     val_mean.add(key, values)
                 if preview is None and writer is not None:
-                    preview = spec.preview(models, batch, family_cfg)
-        metrics: dict[str, Any] = {"epoch": epoch, "epoch_time_s": time.perf_counter() - started}
-        metrics.update({f"train/{k}": v for k, v in train_mean.result().items()})
+                    preview = stage.preview(ctx.models, batch, family_cfg)
         metrics.update({f"val/{k}": v for k, v in val_mean.result().items()})
+        metrics["epoch_time_s"] = time.perf_counter() - started
         if writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, float) and math.isfinite(value):
-                    writer.add_scalar(key, value, epoch)
-            if preview is not None:
-                writer.add_image(
-                    "preview/input_output_target", montage(*preview), epoch, dataformats="HW"
-                )
-            writer.flush()
+            _write_tensorboard(writer, metrics, preview, epoch)
         if rank == 0:
             shown = {
                 k: round(v, 4)
                 for k, v in metrics.items()
-                if k.startswith("val/") and "roi" not in k
+                if k.startswith("val/") and "roi" not in k and "/" not in k[4:]
             }
             print(
-                f"[{spec.name}] epoch {epoch + 1}/{loop.epochs} "
+                f"[{spec.name}:{stage.name}] epoch {epoch + 1}/{loop.epochs} "
                 f"{metrics['epoch_time_s']:.1f}s {shown}",
                 flush=True,
             )
-        _report(metrics, models, optimizers, epoch, config, rank)
+        state = {
+            "epoch": epoch,
+            "step": optimize.step,
+            "models": {k: unwrap(m).state_dict() for k, m in models.wrapped.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "ema": {k: ema_weights(e) for k, e in models.ema.items()},
+            "ema_count": {k: int(e.n_averaged) for k, e in models.ema.items()},
+            "rng": all_rng_states(),
+        }
+        _report(metrics, state, config, rank)
     if writer is not None:
         writer.close()
 
 
-def _report(
-    metrics: dict[str, Any], models, optimizers, epoch: int, config: dict[str, Any], rank: int
-) -> None:
+def _write_tensorboard(writer, metrics: dict[str, Any], preview, epoch: int) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, float) and math.isfinite(value):
+            writer.add_scalar(key, value, epoch)
+    if preview is not None:
+        writer.add_image("preview/input_output_target", montage(*preview), epoch, dataformats="HW")
+    writer.flush()
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any], config: dict[str, Any], rank: int):
     """Report metrics; rank 0 attaches a checkpoint written completely before it is handed over."""
     if rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="ctray-ckpt-") as tmp:
-        save_state(Path(tmp) / STATE_FILE, models, optimizers, epoch)
+        save_state(Path(tmp) / STATE_FILE, state)
         (Path(tmp) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -9,9 +9,9 @@ from typing import Any
 from ray.train import Checkpoint
 from ray.tune import ResultGrid
 
-from ctray.modeldir import export_model
+from ctray.modeldir import export_model, read_meta, weights_digest
 from ctray.registry import get_family
-from ctray.train.loop import CONFIG_FILE, STATE_FILE, load_state
+from ctray.train.loop import CONFIG_FILE, STATE_FILE, exported_weights, load_state
 from ctray.tune.runner import metric_name
 
 
@@ -27,13 +27,16 @@ def export_checkpoint(
         config = json.loads((Path(ckpt) / CONFIG_FILE).read_text())
         state = load_state(Path(ckpt) / STATE_FILE)
     spec = get_family(config["loop"]["family"])
+    stage = spec.stage(config["loop"].get("stage"))
     val = {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
     return export_model(
         out,
         spec=spec,
+        stage=stage.name,
         family_config=config["family_config"],
         data=config["data"],
-        state=state["models"],
+        state=exported_weights(state),
+        lineage=lineage(config["loop"].get("init_from")),
         metrics={**val, "epoch": metrics.get("epoch")} if "epoch" in metrics else val,
         source={
             "checkpoint": checkpoint_path,
@@ -43,18 +46,35 @@ def export_checkpoint(
     )
 
 
+def lineage(init_from: str | None) -> list[dict[str, Any]]:
+    """Where the frozen earlier stages came from: their exports' lineage plus that export."""
+    if not init_from:
+        return []
+    meta = read_meta(init_from)
+    return [
+        *meta.get("lineage", []),
+        {
+            "stage": meta.get("stage"),
+            "export": str(init_from),
+            "weights_sha256": weights_digest(init_from),
+            "data_fingerprint": meta.get("source", {}).get("data_fingerprint"),
+        },
+    ]
+
+
 def export_best(
-    grid: ResultGrid, family: str, out: str | Path, *, experiment: str
+    grid: ResultGrid, family: str, out: str | Path, *, experiment: str, stage: str | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Export the trial with the best last-reported validation metric; returns (path, metrics)."""
     spec = get_family(family)
+    trained = spec.stage(stage) if stage else spec.final
     ok = [r for r in grid if r.error is None and r.metrics and "checkpoint_path" in r.metrics]
     if not ok:
         errors = "; ".join(str(r.error).splitlines()[0] for r in grid if r.error)
         raise RuntimeError(f"no trial finished with a checkpoint{': ' + errors if errors else ''}")
-    metric = metric_name(family)
+    metric = metric_name(family, trained.name)
     best = grid.get_best_result(
-        metric=metric, mode=spec.mode, scope="last", filter_nan_and_inf=True
+        metric=metric, mode=trained.mode, scope="last", filter_nan_and_inf=True
     )
     metrics = dict(best.metrics)
     path = export_checkpoint(

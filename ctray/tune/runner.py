@@ -23,7 +23,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from ctray.config import from_dict
 from ctray.data.shards import load_manifest
-from ctray.registry import get_family
+from ctray.modeldir import read_meta
+from ctray.registry import Stage, get_family
 from ctray.train.loop import LoopConfig
 from ctray.train.trainer import Resources, datasets, make_trainer
 from ctray.tune.search_space import SearchSpace
@@ -42,6 +43,7 @@ class TuneSettings:
         seed: seeds the TPE sampler and every trial's loop.
         max_failures: Train-level retries of a failed worker group (resumes from checkpoint).
         trial_cpus: CPU slots of each trial's driver function (it only waits on its trainer).
+        accumulate / grad_clip / val_every: loop settings; None takes the stage's default.
     """
 
     num_samples: int = 4
@@ -55,10 +57,29 @@ class TuneSettings:
     seed: int = 0
     max_failures: int = 1
     trial_cpus: float = 0.25
+    accumulate: int | None = None
+    grad_clip: float | None = None
+    val_every: int | None = None
 
 
-def metric_name(family: str) -> str:
-    return f"val/{get_family(family).metric}"
+def metric_name(family: str, stage: str | None = None) -> str:
+    spec = get_family(family)
+    return f"val/{(spec.stage(stage) if stage else spec.final).metric}"
+
+
+def grace_epochs(stage: Stage, base_config: Any, settings: TuneSettings) -> int:
+    """Epochs before ASHA may stop a trial: the stage's warm-up plus ``grace_period`` epochs of
+    real training (a trial judged during a pre-training phase is judged on nothing)."""
+    return min(stage.warmup_epochs(base_config) + settings.grace_period, settings.epochs)
+
+
+def loop_settings(stage: Stage, settings: TuneSettings, **fixed: Any) -> dict[str, Any]:
+    """The LoopConfig dict of every trial: the stage's defaults, then explicit settings."""
+    loop = {**dict(stage.loop_defaults), **fixed}
+    for key in ("accumulate", "grad_clip", "val_every"):
+        if getattr(settings, key) is not None:
+            loop[key] = getattr(settings, key)
+    return loop
 
 
 def _run_trial(
@@ -110,26 +131,47 @@ def run_tune(
     settings: TuneSettings = TuneSettings(),
     resources: Resources = Resources(),
     resume: bool = False,
+    stage: str | None = None,
+    init_from: str | Path | None = None,
 ) -> ResultGrid:
-    """Run (or resume) a search; returns Tune's ResultGrid."""
+    """Run (or resume) a search of one stage; returns Tune's ResultGrid.
+
+    A stage after the first trains on the frozen modules of ``init_from`` (an export of the
+    stage before it), whose family config fixes every setting the search does not sample.
+    """
     spec = space.spec
+    trained = spec.stage(stage) if stage else spec.stage(None)
+    space = space.for_stage(trained.name) if space.stage_params else space
     storage = _storage(storage_path)
     data_dir = str(Path(data_dir).resolve())
     manifest = load_manifest(data_dir)
+    base = dict(space.base)
+    if init_from is not None:
+        init_from = str(Path(init_from).resolve())
+        base = {**base, **read_meta(init_from)["family_config"]}
+    elif spec.frozen_modules(trained):
+        raise ValueError(
+            f"stage {trained.name!r} of {spec.name} needs the export of the stage before it "
+            "(--init-from DIR), or run every stage in sequence (--stage all)"
+        )
     prepared = datasets(spec, data_dir, manifest, materialize=True)
-    loop = {
-        "family": spec.name,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "seed": settings.seed,
-        "max_train_batches": settings.max_train_batches,
-        "max_val_batches": settings.max_val_batches,
-    }
+    loop = loop_settings(
+        trained,
+        settings,
+        family=spec.name,
+        stage=trained.name,
+        init_from=init_from,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        seed=settings.seed,
+        max_train_batches=settings.max_train_batches,
+        max_val_batches=settings.max_val_batches,
+    )
     trainable = tune.with_resources(
         tune.with_parameters(
             _run_trial,
             family=spec.name,
-            base=space.base,
+            base=base,
             loop=loop,
             data_dir=data_dir,
             resources=resources,
@@ -147,15 +189,16 @@ def run_tune(
             path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
         return tuner.fit()
-    metric = metric_name(spec.name)
+    metric = f"val/{trained.metric}"
     searcher = ConcurrencyLimiter(
-        OptunaSearch(metric=metric, mode=spec.mode, seed=settings.seed),
+        OptunaSearch(metric=metric, mode=trained.mode, seed=settings.seed),
         max_concurrent=settings.max_concurrent,
     )
+    base_cfg = from_dict(spec.config_cls, base, where="search space base")
     scheduler = ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epochs_done",
         max_t=settings.epochs,
-        grace_period=min(settings.grace_period, settings.epochs),
+        grace_period=grace_epochs(trained, base_cfg, settings),
         reduction_factor=settings.reduction_factor,
     )
     tuner = tune.Tuner(
@@ -163,7 +206,7 @@ def run_tune(
         param_space=space.tune_space(),
         tune_config=tune.TuneConfig(
             metric=metric,
-            mode=spec.mode,
+            mode=trained.mode,
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=settings.num_samples,
@@ -187,10 +230,12 @@ def default_name(family: str) -> str:
     return f"{family}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def summary_rows(grid: ResultGrid, family: str) -> list[dict[str, Any]]:
-    """One row per trial: id, status, epochs, model and identity metric, sampled params."""
-    metric = metric_name(family)
-    identity = metric.replace("val/", "val/identity_")
+def summary_rows(grid: ResultGrid, family: str, stage: str | None = None) -> list[dict[str, Any]]:
+    """One row per trial: id, status, epochs, the metric beside each baseline's, sampled params."""
+    spec = get_family(family)
+    trained = spec.stage(stage) if stage else spec.final
+    metric = f"val/{trained.metric}"
+    baselines = [f"val/{b}_{trained.metric}" for b in spec.baselines]
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -198,13 +243,13 @@ def summary_rows(grid: ResultGrid, family: str) -> list[dict[str, Any]]:
             {
                 "trial": m.get("trial_id", "?"),
                 "status": "error" if result.error else "ok",
-                "epochs": m.get("training_iteration", 0),
+                "epochs": m.get("epochs_done", 0),
                 metric: m.get(metric, math.nan),
-                identity: m.get(identity, math.nan),
+                **{b: m.get(b, math.nan) for b in baselines if b in m},
                 **{k: v for k, v in (result.config or {}).items()},
             }
         )
-    spec_mode = get_family(family).mode
+    spec_mode = trained.mode
     rows.sort(
         key=lambda r: (math.isnan(r[metric]), r[metric] if spec_mode == "min" else -r[metric])
     )

@@ -10,12 +10,23 @@ File format::
       vit_layers: {randint: [1, 4]}      # integers in [low, high)
       grl_max: {uniform: [0.25, 1.0]}
 
+A family that trains in stages gives each stage its own parameters instead of ``params``::
+
+    family: slice_ldm
+    preset: demo
+    stages:
+      autoencoder:
+        params: {lr_ae: {loguniform: [1.0e-4, 1.0e-3]}}
+      diffusion:
+        params: {lr_diffusion: {loguniform: [5.0e-5, 5.0e-4]}}
+
 Every key must be a field of the family's config dataclass, every value must type-check
 against it; the error lists what is valid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +48,18 @@ class SearchSpace:
     family: str
     base: dict[str, Any]
     params: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)
+    stage_params: dict[str, dict[str, tuple[str, list[Any]]]] = field(default_factory=dict)
     source: str = "<dict>"
 
     @property
     def spec(self) -> FamilySpec:
         return get_family(self.family)
+
+    def for_stage(self, stage: str) -> SearchSpace:
+        """The space of one stage: shared ``params`` plus that stage's own."""
+        self.spec.stage(stage)
+        own = self.stage_params.get(stage, {})
+        return dataclasses.replace(self, params={**self.params, **own}, stage_params={})
 
     def tune_space(self) -> dict[str, Any]:
         """Ray Tune sampling objects (OptunaSearch converts them to Optuna distributions)."""
@@ -99,7 +117,7 @@ def _check_param(
 
 def parse_search_space(data: dict[str, Any], *, source: str = "<dict>") -> SearchSpace:
     """Validate a search-space mapping; errors name the file, the key and the valid choices."""
-    check = {"family", "preset", "base", "params"}
+    check = {"family", "preset", "base", "params", "stages"}
     unknown = sorted(set(data) - check)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: {sorted(check)}")
@@ -113,7 +131,21 @@ def parse_search_space(data: dict[str, Any], *, source: str = "<dict>") -> Searc
     params_raw = data.get("params") or {}
     check_keys(spec.config_cls, params_raw, where=f"{source}: params")
     params = {k: _check_param(spec, k, v, base, f"{source}: params") for k, v in params_raw.items()}
-    return SearchSpace(family=spec.name, base=base, params=params, source=source)
+    stage_params: dict[str, dict[str, tuple[str, list[Any]]]] = {}
+    for stage, body in (data.get("stages") or {}).items():
+        try:
+            spec.stage(stage)
+        except KeyError as err:
+            raise ConfigError(f"{source}: stages: {err.args[0]}") from None
+        if not isinstance(body, dict) or set(body) - {"params"}:
+            raise ConfigError(f"{source}: stages: {stage}: expected a mapping with 'params'")
+        where = f"{source}: stages: {stage}: params"
+        raw = body.get("params") or {}
+        check_keys(spec.config_cls, raw, where=where)
+        stage_params[stage] = {k: _check_param(spec, k, v, base, where) for k, v in raw.items()}
+    return SearchSpace(
+        family=spec.name, base=base, params=params, stage_params=stage_params, source=source
+    )
 
 
 def load_search_space(path_or_family: str | Path) -> SearchSpace:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
@@ -14,8 +13,10 @@ from ctray.families.phase_gan.config import PhaseGANConfig
 from ctray.families.phase_gan.model import unet_levels
 from ctray.nn.gan import discriminator_step
 from ctray.registry import DataInfo, StepContext, get_family
+from ctray.train.local import local_context
 
 SPEC = get_family("phase_gan")
+STAGE = SPEC.final
 DATA = DataInfo(patch_size=(16, 16, 16), spacing=(3.0, 3.0, 3.0), window={"lo": -1000, "hi": 1000})
 B = 2
 GEN_PARTS = ("encoder", "phase_code", "generator")
@@ -29,19 +30,12 @@ def _models(cfg: PhaseGANConfig | None = None, seed: int = 0):
     cfg = cfg or _cfg()
     torch.manual_seed(seed)
     models = SPEC.build_models(cfg, DATA)
-    return cfg, models, SPEC.build_optimizers(cfg, models)
+    return cfg, models, STAGE.build_optimizers(cfg, models)
 
 
 def _ctx(cfg, models, opts, epoch: int = 0) -> StepContext:
-    return StepContext(
-        models=models,
-        optimizers=opts,
-        config=cfg,
-        data=DATA,
-        epoch=epoch,
-        num_epochs=10,
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
+    return local_context(
+        SPEC, cfg, DATA, models=models, optimizers=opts, epoch=epoch, num_epochs=10
     )
 
 
@@ -204,7 +198,11 @@ def test_discriminator_step_does_not_reach_the_generator() -> None:
     assert fake.requires_grad
     disc_before = _snapshot(models["discriminator"])
     loss = discriminator_step(
-        ctx.models["discriminator"], ctx.optimizers["d"], real, fake, autocast=ctx.autocast
+        ctx.models["discriminator"],
+        real,
+        fake,
+        lambda loss: ctx.optimize(loss, "d"),
+        autocast=ctx.autocast,
     )
     assert isinstance(loss, float) and loss > 0 and torch.isfinite(torch.tensor(loss))
     for part in GEN_PARTS:
@@ -220,7 +218,7 @@ def _run_stage(epoch: int, expected_stage: str):
     cfg, models, opts = _models()
     assert steps.stage_at(epoch, cfg) == expected_stage
     before = {name: _snapshot(m) for name, m in models.items()}
-    logs = SPEC.train_step(_ctx(cfg, models, opts, epoch=epoch), _batch())
+    logs = STAGE.train_step(_ctx(cfg, models, opts, epoch=epoch), _batch())
     assert logs, "train_step returned no losses"
     for key, value in logs.items():
         assert isinstance(value, float), key
@@ -288,7 +286,7 @@ def test_grl_step_reverses_the_encoder_gradient() -> None:
     start = ce()
     det_state = {k: v.clone() for k, v in models["detector"].state_dict().items()}
     # Only the encoder's move: restore the detector after the step.
-    SPEC.train_step(ctx, batch)
+    STAGE.train_step(ctx, batch)
     models["detector"].load_state_dict(det_state)
     assert ce() > start
 
@@ -297,7 +295,7 @@ def test_eval_step_returns_per_sample_metrics(fresh) -> None:
     cfg, models, opts = fresh
     batch = _batch()
     with torch.no_grad():
-        metrics = SPEC.eval_step(_ctx(cfg, models, opts, epoch=0), batch)
+        metrics = STAGE.eval_step(_ctx(cfg, models, opts, epoch=0), batch)
     for key in ("mae_hu", "psnr", "ssim", "detector_acc"):
         assert key in metrics
     for key in ("mae_hu", "psnr", "ssim"):
@@ -323,7 +321,7 @@ def test_preview_returns_3d_volumes(fresh) -> None:
     cfg, models, _ = fresh
     batch = _batch()
     with torch.no_grad():
-        src, pred, truth = SPEC.preview(models, batch, cfg)
+        src, pred, truth = STAGE.preview(models, batch, cfg)
     assert src.shape == pred.shape == truth.shape == (16, 16, 16)
     assert torch.equal(src, batch["source"][0])
     assert torch.equal(truth, batch["truth"][0])

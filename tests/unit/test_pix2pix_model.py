@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -14,7 +12,9 @@ from ctray.families.pix2pix.spec import SPEC
 from ctray.families.pix2pix.steps import lr_at
 from ctray.nn.gan import discriminator_step, gan_loss, last_logits
 from ctray.optim import constant_then_linear
-from ctray.registry import DataInfo, StepContext
+from ctray.registry import DataInfo
+from ctray.train.local import local_context
+from ctray.train.optimization import Optimization
 
 WINDOW = {"lo": -1000.0, "hi": 1000.0}
 
@@ -77,7 +77,9 @@ def test_discriminator_step_does_not_reach_the_generator() -> None:
     x, y = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     fake = gen(x)
     before = [p.detach().clone() for p in disc.parameters()]
-    loss = discriminator_step(disc, opt, torch.cat((x, y), 1), torch.cat((x, fake), 1))
+    loss = discriminator_step(
+        disc, torch.cat((x, y), 1), torch.cat((x, fake), 1), lambda loss: Optimization({"d": opt})(loss, "d")
+    )
     assert loss > 0
     assert all(p.grad is None for p in gen.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, disc.parameters(), strict=True))
@@ -106,28 +108,19 @@ def test_train_step_sets_the_lr_and_trains_both_nets() -> None:
     cfg = from_dict(Pix2PixConfig, SPEC.preset("debug"))
     data = _data(32)
     models = SPEC.build_models(cfg, data)
-    opts = SPEC.build_optimizers(cfg, models)
-    ctx = StepContext(
-        models=models,
-        optimizers=opts,
-        config=cfg,
-        data=data,
-        epoch=3,
-        num_epochs=4,
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
-    )
+    opts = SPEC.final.build_optimizers(cfg, models)
+    ctx = local_context(SPEC, cfg, data, models=models, optimizers=opts, epoch=3, num_epochs=4)
     batch = {
         "a": torch.rand(2, 32, 32),
         "b": torch.rand(2, 32, 32),
         "labels": torch.ones(2, 32, 32, dtype=torch.uint8),
     }
-    losses = SPEC.train_step(ctx, batch)
+    losses = SPEC.final.train_step(ctx, batch)
     assert {"loss/g", "loss/gan", "loss/l1", "loss/d", "lr"} <= set(losses)
     assert losses["lr"] == pytest.approx(cfg.lr / 3)
     assert all(g["lr"] == losses["lr"] for o in opts.values() for g in o.param_groups)
     with torch.no_grad():
-        metrics = SPEC.eval_step(ctx, batch)
+        metrics = SPEC.final.eval_step(ctx, batch)
     for key in ("mae_hu", "psnr", "ssim", "identity_mae_hu", "identity_psnr", "identity_ssim"):
         assert metrics[key].shape == (2,)
 

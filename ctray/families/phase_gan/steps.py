@@ -35,6 +35,11 @@ def stage_at(epoch: int, cfg: PhaseGANConfig) -> Stage:
     return "gd" if (epoch - cfg.pretrain_epochs) % cycle < cfg.gd_epochs else "grl"
 
 
+def warmup_epochs(cfg: PhaseGANConfig) -> int:
+    """Detector pre-training epochs: the generator is still the identity during them."""
+    return cfg.pretrain_epochs
+
+
 def lambda_at(epoch: int, cfg: PhaseGANConfig) -> float:
     """GRL strength at an epoch: the schedule's value at its progress through the ramp."""
     progress = (epoch - cfg.pretrain_epochs) / max(cfg.grl_ramp_epochs, 1)
@@ -50,9 +55,6 @@ def build_models(cfg: PhaseGANConfig, data: DataInfo) -> Models:
         layers=cfg.vit_layers,
         heads=cfg.vit_heads,
     )
-    if cfg.pretrained:
-        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
-        encoder.vit.load_state_dict(state, strict=False)
     return {
         "encoder": encoder,
         "phase_code": PhaseCode(cfg.phase_dim),
@@ -71,6 +73,13 @@ def build_models(cfg: PhaseGANConfig, data: DataInfo) -> Models:
         ),
         "detector": PhaseDetector(cfg.vit_hidden),
     }
+
+
+def init_pretrained(cfg: PhaseGANConfig, models: Models) -> None:
+    """Training-time hook: load a pretrained ViT state dict (weights only) into the encoder."""
+    if cfg.pretrained:
+        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        models["encoder"].vit.load_state_dict(state, strict=False)
 
 
 def build_optimizers(cfg: PhaseGANConfig, models: Models) -> Optimizers:
@@ -106,40 +115,33 @@ def semi_paired_l1(pred: torch.Tensor, target: torch.Tensor, pool: int) -> torch
 
 def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     cfg: PhaseGANConfig = ctx.config
-    m, opt = ctx.models, ctx.optimizers
+    m = ctx.models
     x = _volume(batch, "source", ctx.device)
     src_phase = batch["source_phase"].to(ctx.device).long()
     stage = stage_at(ctx.epoch, cfg)
 
     if stage == "pretrain":
-        opt["det"].zero_grad(set_to_none=True)
         with ctx.autocast():
             with torch.no_grad():
                 _, z = m["encoder"](x)
             logits = m["detector"](z.float())
             loss = F.cross_entropy(logits, src_phase)
-        loss.backward()
-        opt["det"].step()
+        ctx.optimize(loss, "det")
         acc = (logits.argmax(1) == src_phase).float().mean()
         return {"loss/ce": float(loss.detach()), "detector_acc": float(acc)}
 
     if stage == "grl":
         lam = lambda_at(ctx.epoch, cfg)
-        opt["det"].zero_grad(set_to_none=True)
-        opt["g"].zero_grad(set_to_none=True)
         with ctx.autocast():
             _, z = m["encoder"](x)
             logits = m["detector"](grad_reverse(z, lam))
             loss = cfg.lambda_ce * F.cross_entropy(logits, src_phase)
-        loss.backward()
-        opt["det"].step()
-        opt["g"].step()
+        ctx.optimize(loss, "det", "g")
         acc = (logits.argmax(1) == src_phase).float().mean()
         return {"loss/ce": float(loss.detach()), "detector_acc": float(acc), "grl_lambda": lam}
 
     y = _volume(batch, "target", ctx.device)
     tgt_phase = batch["target_phase"].to(ctx.device).long()
-    opt["g"].zero_grad(set_to_none=True)
     with ctx.autocast():
         fake = generate(m, x, tgt_phase)
         loss_gan = gan_loss(last_logits(m["discriminator"](fake)), True)
@@ -148,9 +150,10 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         loss_g = (
             cfg.lambda_l1 * loss_l1 + cfg.lambda_identity * loss_idt + cfg.lambda_gan * loss_gan
         )
-    loss_g.backward()
-    opt["g"].step()
-    loss_d = discriminator_step(m["discriminator"], opt["d"], y, fake, autocast=ctx.autocast)
+    ctx.optimize(loss_g, "g")
+    loss_d = discriminator_step(
+        m["discriminator"], y, fake, lambda loss: ctx.optimize(loss, "d"), autocast=ctx.autocast
+    )
     return {
         "loss/g": float(loss_g.detach()),
         "loss/l1": float(loss_l1.detach()),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ctray.registry import FamilySpec
+from ctray.registry import FamilySpec, Stage
 
 from . import data, steps
 from .config import PRESETS, Pix2PixConfig
@@ -12,15 +12,22 @@ SPEC = FamilySpec(
     description="paired CT translation on axial slices, pix2pix U-Net + PatchGAN - seed 001",
     config_cls=Pix2PixConfig,
     build_models=steps.build_models,
-    build_optimizers=steps.build_optimizers,
-    train_step=steps.train_step,
-    eval_step=steps.eval_step,
+    stages=(
+        Stage(
+            name="train",
+            trains=("generator", "discriminator"),
+            build_optimizers=steps.build_optimizers,
+            train_step=steps.train_step,
+            eval_step=steps.eval_step,
+            preview=steps.preview,
+            metric="mae_hu",
+            mode="min",
+            inference_models=("generator",),
+        ),
+    ),
     predict=steps.predict,
-    preview=steps.preview,
     build_shards=data.build,
     columns=("a", "b", "labels"),
-    metric="mae_hu",
-    mode="min",
-    inference_models=("generator",),
+    baselines=("identity",),
     presets=PRESETS,
 )

@@ -75,19 +75,17 @@ def train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
         fake = gen(x)
     loss_d = discriminator_step(
         disc,
-        opt["d"],
         torch.cat((x, y), dim=1),
         torch.cat((x, fake), dim=1),
+        lambda loss: ctx.optimize(loss, "d"),
         mode=cfg.gan_mode,
         autocast=ctx.autocast,
     )
-    opt["g"].zero_grad(set_to_none=True)
     with ctx.autocast():
         loss_gan = gan_loss(last_logits(disc(torch.cat((x, fake), dim=1))), True, cfg.gan_mode)
         loss_l1 = F.l1_loss(fake.float(), y)
         loss_g = loss_gan + cfg.lambda_l1 * loss_l1
-    loss_g.backward()
-    opt["g"].step()
+    ctx.optimize(loss_g, "g")
     return {
         "loss/g": float(loss_g.detach()),
         "loss/gan": float(loss_gan.detach()),
