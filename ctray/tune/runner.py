@@ -73,9 +73,9 @@ def grace_epochs(stage: Stage, base_config: Any, settings: TuneSettings) -> int:
     return min(stage.warmup_epochs(base_config) + settings.grace_period, settings.epochs)
 
 
-def loop_settings(stage: Stage, settings: TuneSettings, **fixed: Any) -> dict[str, Any]:
+def loop_settings(trained: Stage, settings: TuneSettings, **fixed: Any) -> dict[str, Any]:
     """The LoopConfig dict of every trial: the stage's defaults, then explicit settings."""
-    loop = {**dict(stage.loop_defaults), **fixed}
+    loop = {**dict(trained.loop_defaults), **fixed}
     for key in ("accumulate", "grad_clip", "val_every"):
         if getattr(settings, key) is not None:
             loop[key] = getattr(settings, key)

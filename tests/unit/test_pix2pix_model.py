@@ -77,8 +77,9 @@ def test_discriminator_step_does_not_reach_the_generator() -> None:
     x, y = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     fake = gen(x)
     before = [p.detach().clone() for p in disc.parameters()]
+    optimize = Optimization({"d": opt})
     loss = discriminator_step(
-        disc, torch.cat((x, y), 1), torch.cat((x, fake), 1), lambda loss: Optimization({"d": opt})(loss, "d")
+        disc, torch.cat((x, y), 1), torch.cat((x, fake), 1), lambda loss: optimize(loss, "d")
     )
     assert loss > 0
     assert all(p.grad is None for p in gen.parameters())
