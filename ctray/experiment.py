@@ -53,6 +53,8 @@ class ExperimentDefaults:
     max_val_batches: int | None = None
     preset: str | None = None
     family_options: tuple[tuple[str, Any], ...] = ()
+    # Per-stage epochs of a staged family, e.g. (("autoencoder", 6), ("diffusion", 10)).
+    stage_epochs: tuple[tuple[str, int], ...] = ()
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, family: str | None) -> None:
@@ -118,9 +120,25 @@ def add_arguments(parser: argparse.ArgumentParser, family: str) -> None:
         "--preset",
         help=f"base preset overriding the search space's ({', '.join(sorted(spec.presets))})",
     )
+    if len(spec.stages) > 1:
+        names = spec.stage_names()
+        g.add_argument(
+            "--stage",
+            default="all",
+            choices=["all", *names],
+            help=f"stage to tune (default: all, in order {' -> '.join(names)})",
+        )
+        g.add_argument(
+            "--init-from",
+            metavar="DIR",
+            help="exported model of the stage before --stage (its modules are used frozen)",
+        )
     g.add_argument("--num-samples", type=int)
-    g.add_argument("--epochs", type=int)
+    g.add_argument("--epochs", type=int, help="epochs of every stage (default: per preset)")
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--accumulate", type=int, help="micro-batches per optimiser step")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (default: the stage's)")
+    g.add_argument("--val-every", type=int, help="validate every N epochs (default: the stage's)")
     g.add_argument("--max-concurrent", type=int, default=2)
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("cluster")
@@ -239,23 +257,16 @@ def run(
 
 def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) -> int:
     from ctray.session import init_ray
-    from ctray.tune.export import export_best
-    from ctray.tune.runner import (
-        TuneSettings,
-        default_name,
-        format_table,
-        latest_experiment,
-        run_tune,
-        summary_rows,
-    )
+    from ctray.tune.runner import TuneSettings, default_name, latest_experiment
 
     started = time.perf_counter()
+    spec = get_family(family)
     space = load_search_space(args.search_space)
     if space.family != family:
         raise ConfigError(f"{space.source} is a {space.family!r} search space, not {family!r}")
     preset = args.preset or defaults.preset
     if preset:
-        space = dataclasses.replace(space, base={**space.base, **get_family(family).preset(preset)})
+        space = dataclasses.replace(space, base={**space.base, **spec.preset(preset)})
     resources = Resources(
         workers=args.workers_per_trial,
         gpus_per_worker=args.gpus_per_worker,
@@ -269,40 +280,38 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         max_val_batches=defaults.max_val_batches,
         max_concurrent=args.max_concurrent,
         seed=args.seed,
+        accumulate=args.accumulate,
+        grad_clip=args.grad_clip,
+        val_every=args.val_every,
     )
+    stage_arg = getattr(args, "stage", None)
+    stages = spec.stage_names() if stage_arg in (None, "all") else [stage_arg]
+    init_from = getattr(args, "init_from", None)
+    if init_from and stage_arg in (None, "all"):
+        raise ConfigError("--init-from needs --stage (the stage that trains on that export)")
     name = args.name
     if args.resume and not name:
-        name = latest_experiment(args.storage, family)
+        name = latest_experiment(args.storage, family, spec.stage_names())
         if not name:
             raise FileNotFoundError(f"{args.storage}: no {family} experiment to resume")
     name = name or default_name(family)
     data_dir = prepare_data(args, family, defaults)
     init_ray(args.address)
-    print(
-        f"tuning {family}: experiment {name}, {settings.num_samples} trials x "
-        f"{settings.epochs} epochs, {resources.workers} worker(s)/trial, "
-        f"{'GPU' if resources.use_gpu else 'CPU'}",
-        flush=True,
-    )
-    grid = run_tune(
-        space=space,
-        data_dir=data_dir,
-        storage_path=args.storage,
-        name=name,
-        settings=settings,
-        resources=resources,
-        resume=args.resume,
-    )
-    print("\ntrials (best first):")
-    print(format_table(summary_rows(grid, family)))
-    path, metrics = export_best(grid, family, Path(args.export) / name, experiment=name)
-    best_cfg = json.loads((path / "model.json").read_text())["source"]["config"]
-    print(f"\nbest configuration: {json.dumps(best_cfg, sort_keys=True)}")
-    val = {
-        k: round(v, 4) for k, v in metrics.items() if k.startswith("val/") and isinstance(v, float)
-    }
-    print(f"best validation metrics: {val}")
-    print(f"exported best model to {path}")
+    path = None
+    for stage in stages:
+        epochs = args.epochs or dict(defaults.stage_epochs).get(stage, settings.epochs)
+        path = _tune_stage(
+            args,
+            spec=spec,
+            space=space,
+            stage=stage,
+            name=name,
+            data_dir=data_dir,
+            settings=dataclasses.replace(settings, epochs=epochs),
+            resources=resources,
+            init_from=init_from,
+        )
+        init_from = str(path)
     print(f"serve it with: ctray serve --models {Path(args.export)}")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
     if args.serve:
@@ -314,3 +323,66 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
             ServeConfig(models=path, port=args.serve_port, token=token), address=args.address
         )
     return 0
+
+
+def _tune_stage(
+    args: argparse.Namespace,
+    *,
+    spec: Any,
+    space: Any,
+    stage: str,
+    name: str,
+    data_dir: Path,
+    settings: Any,
+    resources: Resources,
+    init_from: str | None,
+) -> Path:
+    """Tune one stage and export its best trial; returns the export's path.
+
+    A staged family's earlier stages export to ``EXPORT/<name>-<stage>``; the last stage (the
+    servable model) to ``EXPORT/<name>``. With --resume, an earlier stage already exported is
+    reused, not re-run.
+    """
+    from ctray.tune.export import export_best, report_files
+    from ctray.tune.runner import format_table, run_tune, summary_rows
+
+    final = stage == spec.final.name
+    staged = len(spec.stages) > 1
+    run_name = f"{name}-{stage}" if staged else name
+    out = Path(args.export) / (name if final else run_name)
+    if args.resume and not final and (out / "model.json").is_file():
+        print(f"stage {stage}: reusing its export {out}", flush=True)
+        return out
+    storage_run = Path(args.storage) / run_name
+    resume = args.resume and storage_run.exists()
+    print(
+        f"tuning {spec.name}{f' stage {stage}' if staged else ''}: experiment {run_name}, "
+        f"{settings.num_samples} trials x {settings.epochs} epochs, "
+        f"{resources.workers} worker(s)/trial, {'GPU' if resources.use_gpu else 'CPU'}"
+        + (f", on {init_from}" if init_from else ""),
+        flush=True,
+    )
+    grid = run_tune(
+        space=space,
+        data_dir=data_dir,
+        storage_path=args.storage,
+        name=run_name,
+        settings=settings,
+        resources=resources,
+        resume=resume,
+        stage=stage,
+        init_from=init_from,
+    )
+    print("\ntrials (best first):")
+    print(format_table(summary_rows(grid, spec.name, stage)))
+    path, metrics = export_best(grid, spec.name, out, experiment=run_name, stage=stage)
+    best_cfg = json.loads((path / "model.json").read_text())["source"]["config"]
+    print(f"\nbest configuration: {json.dumps(best_cfg, sort_keys=True)}")
+    if spec.baselines:
+        report = report_files(metrics, spec.baselines)["report.txt"]
+        print(f"validation of the best model beside its baselines:\n{report}", end="")
+    else:
+        val = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
+        print(f"best validation metrics: {val}")
+    print(f"exported best {stage} model to {path}", flush=True)
+    return path

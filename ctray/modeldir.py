@@ -77,12 +77,14 @@ def export_model(
     metrics: dict[str, Any],
     source: dict[str, Any] | None = None,
     lineage: list[dict[str, Any]] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a model directory at ``out`` (replacing one that is there) and return its path.
 
     ``stage`` names the trained stage (default: the family's last); the directory carries every
     module that stage's inference needs, earlier stages' included, and ``lineage`` records
-    which export each earlier stage came from.
+    which export each earlier stage came from. ``extra_files`` (name -> text, e.g. the
+    validation report) are written inside the same atomic rename.
     """
     out = Path(out)
     trained = spec.stage(stage) if stage is not None else spec.final
@@ -118,6 +120,10 @@ def export_model(
     try:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / META).write_text(json.dumps(meta, indent=2))
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name or name in (META, WEIGHTS):
+                raise ValueError(f"extra file name {name!r} must be a plain, unused file name")
+            (tmp / name).write_text(text)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from ray.tune import ResultGrid
 from ctray.modeldir import export_model, read_meta, weights_digest
 from ctray.registry import get_family
 from ctray.train.loop import CONFIG_FILE, STATE_FILE, exported_weights, load_state
+from ctray.tune.report import baseline_rows, format_baseline_report
 from ctray.tune.runner import metric_name
 
 
@@ -22,7 +24,11 @@ def export_checkpoint(
     metrics: dict[str, Any],
     source: dict[str, Any] | None = None,
 ) -> Path:
-    """Turn a Train checkpoint (local path or URI) into ``out`` (see ctray.modeldir)."""
+    """Turn a Train checkpoint (local path or URI) into ``out`` (see ctray.modeldir).
+
+    The export carries ``report.json`` / ``report.txt``: the validation metrics beside the
+    family's baselines (see ctray.tune.report).
+    """
     with Checkpoint(checkpoint_path).as_directory() as ckpt:
         config = json.loads((Path(ckpt) / CONFIG_FILE).read_text())
         state = load_state(Path(ckpt) / STATE_FILE)
@@ -37,6 +43,7 @@ def export_checkpoint(
         data=config["data"],
         state=exported_weights(state),
         lineage=lineage(config["loop"].get("init_from")),
+        extra_files=report_files(metrics, spec.baselines),
         metrics={**val, "epoch": metrics.get("epoch")} if "epoch" in metrics else val,
         source={
             "checkpoint": checkpoint_path,
@@ -44,6 +51,21 @@ def export_checkpoint(
             **(source or {}),
         },
     )
+
+
+def report_files(metrics: dict[str, Any], baselines: tuple[str, ...]) -> dict[str, str]:
+    """report.json (rows) and report.txt (the table) of the model beside its baselines."""
+    if not baselines:
+        return {}
+    rows = baseline_rows(metrics, baselines)
+    finite = [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+        for r in rows
+    ]
+    return {
+        "report.json": json.dumps({"baselines": list(baselines), "rows": finite}, indent=2),
+        "report.txt": format_baseline_report(rows, baselines) + "\n",
+    }
 
 
 def lineage(init_from: str | None) -> list[dict[str, Any]]:

@@ -216,14 +216,24 @@ def run_tune(
     return tuner.fit()
 
 
-def latest_experiment(storage_path: str, family: str) -> str | None:
-    """Name of the newest experiment of ``family`` under a local storage path (for --resume)."""
+def latest_experiment(
+    storage_path: str, family: str, stages: list[str] | None = None
+) -> str | None:
+    """Name of the newest experiment of ``family`` under a local storage path (for --resume).
+
+    A staged family's Tune runs are called ``<name>-<stage>``; the stage suffix is removed.
+    """
     root = Path(_storage(storage_path))
     found = sorted(
         (p for p in root.glob(f"{family}-*") if p.is_dir() and not p.name.endswith("-train")),
         key=lambda p: p.stat().st_mtime,
     )
-    return found[-1].name if found else None
+    if not found:
+        return None
+    name = found[-1].name
+    for stage in stages if stages and len(stages) > 1 else []:
+        name = name.removesuffix(f"-{stage}")
+    return name
 
 
 def default_name(family: str) -> str:
