@@ -9,11 +9,17 @@ the model leaves alone come back exactly as they went in.
 2D slice models (``DataInfo.resize_inplane``, patch (H, W, 1)) run through the same path: each
 axial slice is resized in-plane to (H, W) (z keeps the input's slices), the inferer's windows are
 whole slices, batched ``sw_batch_size`` at a time, and the change is resized back.
+
+Models whose output grid differs (``DataInfo.output_scale``, e.g. 5 thin slices per thick one)
+return ``output_scale`` times larger windows, which MONAI's inferer stitches at that zoom; the
+result is resampled onto the input's own grid refined by ``output_scale`` (:func:`refine_grid`:
+same world extent, origin and directions, ``output_scale`` times finer), in canonical RAS voxel
+order. Intensities outside the HU window come back from the input, interpolated to that grid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,23 @@ from ctray.data.nifti import (
 )
 from ctray.data.slices import resize_inplane
 from ctray.modeldir import LoadedModel
+
+
+def refine_grid(
+    affine: np.ndarray, shape: Sequence[int], scale: Sequence[int]
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The grid with ``scale[i]`` times as many voxels along axis i over the same world extent.
+
+    Output voxel j along an axis sits at input voxel coordinate -0.5 + (j + 0.5) / scale, so
+    the ``scale`` output voxels of input voxel k are centred on k, and the outer faces of the
+    first and last voxels coincide with the input's: it overlays the input in any viewer.
+    """
+    factors = np.asarray(scale, dtype=np.float64)
+    linear = np.asarray(affine, dtype=np.float64)[:3, :3]
+    out = np.eye(4)
+    out[:3, :3] = linear / factors  # column i scaled by 1 / scale[i]
+    out[:3, 3] = linear @ (-0.5 + 0.5 / factors) + np.asarray(affine)[:3, 3]
+    return out, tuple(int(n) * int(f) for n, f in zip(shape, scale, strict=True))
 
 
 def _sliding_window(
@@ -64,11 +87,12 @@ def predict_volumes(
     *,
     overlap: float = 0.25,
     sw_batch_size: int = 4,
-) -> list[np.ndarray]:
-    """Predict several volumes (float32 HU, each on its input grid); conditions are parsed.
+) -> list[Volume]:
+    """Predict several volumes (float32 HU with their affines); conditions are parsed.
 
-    Volumes that share a resampled shape and condition run as one batch (Serve's dynamic
-    batching relies on this); others run one by one.
+    Same-grid models return each volume on its input grid and affine; others on the refined
+    grid of :func:`refine_grid`. Volumes that share a resampled shape and condition run as one
+    batch (Serve's dynamic batching relies on this); others run one by one.
     """
     window = HUWindow(**model.data.window)
     device = next(next(iter(model.models.values())).parameters()).device
@@ -80,7 +104,7 @@ def predict_volumes(
         else:
             res = resample_to_spacing(ras, model.data.spacing)
         prepared.append((ras, ornt, res, window.normalise(res.array.astype(np.float32))))
-    outputs: list[np.ndarray | None] = [None] * len(volumes)
+    outputs: list[Volume | None] = [None] * len(volumes)
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, res, _) in enumerate(prepared):
         key = (
@@ -95,19 +119,42 @@ def predict_volumes(
         y = _sliding_window(
             model, x, conditions[indices[0]], overlap=overlap, sw_batch_size=sw_batch_size
         )
+        if not model.data.same_grid:
+            for i, out in zip(indices, y.float().cpu().numpy()[:, 0], strict=True):
+                outputs[i] = _on_refined_grid(out, prepared[i][0], prepared[i][2], model, window)
+            continue
         deltas = (y.float() - x).cpu().numpy()[:, 0] * window.width
         for i, delta in zip(indices, deltas, strict=True):
             ras, ornt, res, _ = prepared[i]
             back = resample_like(
                 delta, res.affine, target_affine=ras.affine, target_shape=ras.shape
             )
-            outputs[i] = (volumes[i].array + undo_canonical(back, ornt)).astype(np.float32)
+            array = (volumes[i].array + undo_canonical(back, ornt)).astype(np.float32)
+            outputs[i] = Volume(array=array, affine=volumes[i].affine)
     return outputs  # type: ignore[return-value]
+
+
+def _on_refined_grid(
+    y: np.ndarray, ras: Volume, res: Volume, model: LoadedModel, window: HUWindow
+) -> Volume:
+    """A new-grid model's output (normalised, on the refined working grid) on the refined
+    input grid, with the input's out-of-window intensities added back."""
+    scale = model.data.output_scale
+    work_affine, _ = refine_grid(res.affine, res.shape, scale)
+    affine, shape = refine_grid(ras.affine, ras.shape, scale)
+    pred = resample_like(
+        window.denormalise(y), work_affine, target_affine=affine, target_shape=shape
+    )
+    base = resample_like(
+        ras.array.astype(np.float32), ras.affine, target_affine=affine, target_shape=shape
+    )
+    beyond = base - np.clip(base, window.lo, window.hi)
+    return Volume(array=(pred + beyond).astype(np.float32), affine=affine)
 
 
 def predict_volume(
     model: LoadedModel, volume: Volume, conditioning: Mapping[str, Any], **kw: Any
-) -> np.ndarray:
+) -> Volume:
     """Predict one volume; ``conditioning`` holds user-typed strings (e.g. target_phase=venous)."""
     cond = model.spec.parse_conditioning(conditioning)
     return predict_volumes(model, [volume], [cond], **kw)[0]

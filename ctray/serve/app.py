@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +34,7 @@ from ctray.serve.config import ServeConfig
 from ctray.serve.errors import ApiError
 from ctray.serve.handling import (
     check_content_length,
+    check_output_size,
     check_token,
     decode_volume,
     encode_volume,
@@ -82,7 +82,7 @@ class _Item:
 class _Outcome:
     """A prediction or the reason it failed; @serve.batch passes results through, not raises."""
 
-    array: np.ndarray | None = None
+    volume: Volume | None = None
     error: str | None = None
     batch_size: int = 1
     seconds: float = 0.0
@@ -154,15 +154,17 @@ class CtrayModels:
             decode_volume, body, max_voxels=cfg.max_voxels, label="upload"
         )
         del body
+        check_output_size(model.data.output_scale, volume.shape, cfg.max_voxels)
         item = _Item(model=name, volume=volume, condition=condition)
         if cfg.batching:
             outcome = await self._batched(item)
         else:
             loop = asyncio.get_running_loop()
             outcome = (await loop.run_in_executor(self.executor, self._run, [item]))[0]
-        if outcome.array is None:
+        if outcome.volume is None:
             raise ApiError("internal_error", f"model {name!r} failed: {outcome.error}")
-        data = await asyncio.to_thread(encode_volume, outcome.array, volume.affine)
+        out = outcome.volume
+        data = await asyncio.to_thread(encode_volume, out.array, out.affine)
         return Response(
             content=data,
             media_type="application/gzip",
@@ -207,7 +209,7 @@ class CtrayModels:
     def _predict(self, name: str, group: list[_Item]) -> list[_Outcome] | None:
         start = time.perf_counter()
         try:
-            arrays = predict_volumes(
+            volumes = predict_volumes(
                 self.models[name],
                 [it.volume for it in group],
                 [it.condition for it in group],
@@ -218,7 +220,7 @@ class CtrayModels:
             log.exception("prediction with %s failed for a batch of %d", name, len(group))
             return None
         seconds = time.perf_counter() - start
-        return [_Outcome(array=a, batch_size=len(group), seconds=seconds) for a in arrays]
+        return [_Outcome(volume=v, batch_size=len(group), seconds=seconds) for v in volumes]
 
 
 def build_app(config: ServeConfig) -> serve.Application:

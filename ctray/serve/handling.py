@@ -11,7 +11,7 @@ import gzip
 import hashlib
 import hmac
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,19 @@ def decode_volume(body: bytes, *, max_voxels: int, label: str = "upload") -> Vol
         return load_nifti(body, name=label, max_voxels=max_voxels)
     except NiftiError as err:
         raise ApiError("invalid_nifti", str(err)) from err
+
+
+def check_output_size(scale: Sequence[int], shape: Sequence[int], max_voxels: int) -> None:
+    """Refuse, before any computation, an input whose output grid (``scale`` times finer per
+    axis, e.g. thin slices from thick ones) would exceed the server's voxel limit."""
+    voxels = math.prod(int(n) * int(f) for n, f in zip(shape, scale, strict=True))
+    if voxels > max_voxels:
+        raise ApiError(
+            "volume_too_large",
+            f"the output would have {voxels:,} voxels (input {tuple(shape)} refined "
+            f"{'x'.join(str(int(f)) for f in scale)}), over the server's limit of "
+            f"{max_voxels:,}; send a smaller volume",
+        )
 
 
 def encode_volume(array: np.ndarray, affine: np.ndarray) -> bytes:

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -199,7 +199,7 @@ def _load_init(path: str, spec: FamilySpec, modules: tuple[str, ...], data: Data
     return read_weights(path, modules)
 
 
-class _Models:
+class StageModels:
     """The stage's modules: trained (DDP-wrapped), frozen earlier stages, EMA copies."""
 
     def __init__(self, spec: FamilySpec, stage: Stage, cfg: Any, data: DataInfo, loop: LoopConfig):
@@ -213,14 +213,18 @@ class _Models:
         self.ema = {k: make_ema(self.bare[k], loop.ema_decay) for k in stage.ema}
         self.wrapped: dict[str, nn.Module] = {}
 
-    def freeze_and_place(self, device: torch.device) -> None:
-        """Frozen modules: no gradients, eval mode, never DDP. Trained ones: DDP when > 1 rank."""
+    def freeze_and_place(
+        self, device: torch.device, wrap: Callable[[nn.Module], nn.Module]
+    ) -> None:
+        """Frozen modules: no gradients, eval mode, never DDP (torch's DDP raises on a module
+        without trainable parameters). Trained ones go through ``wrap`` (prepare_model: the
+        device, and DDP when there is more than one rank)."""
         for name in self.frozen:
             module = self.bare[name].to(device).eval()
             module.requires_grad_(False)
             self.wrapped[name] = module
         for name in self.trains:
-            self.wrapped[name] = ray.train.torch.prepare_model(self.bare[name])
+            self.wrapped[name] = wrap(self.bare[name])
         for ema in self.ema.values():
             ema.to(device)
 
@@ -260,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    models = _Models(spec, stage, family_cfg, data, loop)
+    models = StageModels(spec, stage, family_cfg, data, loop)
     frozen = models.frozen
     if frozen and not loop.init_from:
         earlier = ", ".join(s.name for s in spec.earlier(stage))
@@ -290,7 +294,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 models.bare[name].load_state_dict(weights[name])
         if stage.init is not None:
             stage.init(family_cfg, {k: models.bare[k] for k in stage.trains})
-    models.freeze_and_place(device)
+    models.freeze_and_place(device, ray.train.torch.prepare_model)
     optimize = Optimization(
         optimizers, accumulate=loop.accumulate, grad_clip=loop.grad_clip, step=step
     )

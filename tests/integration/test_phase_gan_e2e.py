@@ -79,7 +79,7 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
     model = load_model(path)
     src = _lps_phantom(tmp_path / "lps.nii.gz")
     vol = load_nifti(src)
-    out = predict_volume(model, vol, {"target_phase": "venous"})
+    out = predict_volume(model, vol, {"target_phase": "venous"}).array
     assert out.shape == vol.shape
     save_nifti(tmp_path / "out.nii.gz", out, vol.affine)
     written = nib.load(tmp_path / "out.nii.gz")

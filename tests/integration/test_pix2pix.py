@@ -35,7 +35,7 @@ def test_smoke_script_exports_a_model_that_predicts_a_volume(pix2pix_smoke_expor
     affine = np.diag([-1.0, 1.0, 1.0, 1.0]) @ a.affine
     src = save_nifti(tmp_path / "a.nii.gz", vol, affine)
     loaded = load_nifti(src)
-    out = predict_volume(model, loaded, {}, sw_batch_size=8)
+    out = predict_volume(model, loaded, {}, sw_batch_size=8).array
     assert out.shape == loaded.shape and np.isfinite(out).all()
     written = save_nifti(tmp_path / "out.nii.gz", out, loaded.affine)
     np.testing.assert_allclose(nib.load(written).affine, nib.load(src).affine)

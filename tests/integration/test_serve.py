@@ -192,7 +192,9 @@ def test_round_trip_keeps_grid_and_hu(server: Server, client: CtrayClient, kind:
     assert air.mean() > 0.1 and (got[air] < -900).mean() > 0.95 and np.median(got[air]) < -980
     # the model really changes the image, and Serve returns exactly what it computes in-process
     assert np.abs(got - vol.array)[~air].mean() > 5.0
-    local = predict_volume(load_model(server.models / "tiny"), vol, {"target_phase": "venous"})
+    local = predict_volume(
+        load_model(server.models / "tiny"), vol, {"target_phase": "venous"}
+    ).array
     assert np.abs(got - np.clip(np.rint(local), -32768, 32767)).max() <= 1.0
     # the same world image in RAS order gives the same voxels, reordered
     ras_out = _decode(

@@ -65,7 +65,7 @@ def _lps_volume() -> Volume:
 def test_identity_generator_round_trips_volume_and_affine(tmp_path: Path) -> None:
     vol = _lps_volume()
     spy = SpyIdentity()
-    out = predict_volume(_model(spy), vol, {}, sw_batch_size=3)
+    out = predict_volume(_model(spy), vol, {}, sw_batch_size=3).array
     np.testing.assert_array_equal(out, vol.array)
     path = save_nifti(tmp_path / "out.nii.gz", out, vol.affine, dtype=np.float32)
     back = load_nifti(path)
@@ -87,7 +87,7 @@ def test_a_constant_change_comes_back_on_every_slice() -> None:
 
     vol = _lps_volume()
     vol = Volume(array=np.clip(vol.array, -900, 900), affine=vol.affine)
-    out = predict_volume(_model(Brighter()), vol, {}, sw_batch_size=4)
+    out = predict_volume(_model(Brighter()), vol, {}, sw_batch_size=4).array
     np.testing.assert_allclose(out - vol.array, 100.0, atol=1e-2)
 
 

@@ -43,7 +43,7 @@ def evaluate_pair(
 ) -> dict[str, float]:
     """Model and identity-baseline (``identity_*``) metrics of A -> B, B on A's grid."""
     window = HUWindow(**model.data.window)
-    pred = predict_volumes(model, [a], [{}], sw_batch_size=sw_batch_size)[0]
+    pred = predict_volumes(model, [a], [{}], sw_batch_size=sw_batch_size)[0].array
     body = a.array > BODY_HU
     metrics = volume_metrics(pred, b, body, window)
     identity = volume_metrics(a.array, b, body, window)
