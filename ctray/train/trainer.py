@@ -65,7 +65,12 @@ def read_shards(files: list[str], columns: Sequence[str]) -> ray.data.Dataset:
 
 
 def datasets(
-    spec: FamilySpec, data_dir: str | Path, manifest: Manifest, *, materialize: bool = False
+    spec: FamilySpec,
+    data_dir: str | Path,
+    manifest: Manifest,
+    *,
+    materialize: bool = False,
+    seed: int = 0,
 ) -> dict[str, ray.data.Dataset]:
     """Ray Data streams of the train and val shards, reading only the family's columns.
 
@@ -85,7 +90,8 @@ def datasets(
         ds = read_shards(files, spec.columns)
         if materialize:
             ds = ds.materialize()
-        out[split] = ds.randomize_block_order() if split == "train" else ds
+        # Seeded, so a resumed run reads blocks in the order the interrupted one did.
+        out[split] = ds.randomize_block_order(seed=seed) if split == "train" else ds
     return out
 
 
@@ -127,5 +133,5 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             callbacks=callbacks,
         ),
-        datasets=prepared or datasets(spec, data_dir, manifest),
+        datasets=prepared or datasets(spec, data_dir, manifest, seed=loop.seed),
     )

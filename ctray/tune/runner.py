@@ -154,7 +154,7 @@ def run_tune(
             f"stage {trained.name!r} of {spec.name} needs the export of the stage before it "
             "(--init-from DIR), or run every stage in sequence (--stage all)"
         )
-    prepared = datasets(spec, data_dir, manifest, materialize=True)
+    prepared = datasets(spec, data_dir, manifest, materialize=True, seed=settings.seed)
     loop = loop_settings(
         trained,
         settings,
