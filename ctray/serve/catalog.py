@@ -55,6 +55,7 @@ def _collect(paths: list[Path], servable_only: bool) -> dict[str, Path]:
 def describe(name: str, meta: dict[str, Any]) -> dict[str, Any]:
     """The public description of one model (no paths, no training config)."""
     data = meta["data"]
+    scale = [int(s) for s in data.get("output_scale", (1, 1, 1))]
     return {
         "name": name,
         "family": meta["family"],
@@ -63,6 +64,12 @@ def describe(name: str, meta: dict[str, Any]) -> dict[str, Any]:
             "spacing": list(data["spacing"]),
             "patch_size": list(data["patch_size"]),
             "window": dict(data["window"]),
+        },
+        # The output grid: the input's own, or refined `scale` times per axis over the same
+        # world extent (e.g. [1, 1, 5]: five thin slices per thick one).
+        "output": {
+            "grid": "input" if scale == [1, 1, 1] else "refined",
+            "scale": scale,
         },
         "conditioning": {
             k: {"default": c.get("default"), "help": c.get("help", "")}

@@ -347,7 +347,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for key, values in stage.eval_step(ctx, batch).items():
                     val_mean.add(key, values)
                 if preview is None and writer is not None:
-                    preview = stage.preview(ctx.models, batch, family_cfg)
+                    # Rank 0 alone: the bare modules, never a DDP wrapper (whose forward
+                    # would wait for the other ranks).
+                    bare = {k: unwrap(m) for k, m in ctx.models.items()}
+                    preview = stage.preview(bare, batch, family_cfg)
         metrics.update({f"val/{k}": v for k, v in val_mean.result().items()})
         metrics["epoch_time_s"] = time.perf_counter() - started
         if writer is not None:

@@ -437,10 +437,10 @@ def test_cli_models_table(server: Server, capsys) -> None:
 
     assert main(["models", str(server.models)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:5] == ["NAME", "FAMILY", "METRIC", "VALUE", "IDENTITY"]
+    assert lines[0].split()[:6] == ["NAME", "FAMILY", "STAGE", "METRIC", "VALUE", "BASELINE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"p2p", "smoke", "tiny"}
-    assert rows["tiny"][1:6] == ["phase_gan", "mae_hu", "(min)", "50", "60"]
+    assert rows["tiny"][1:8] == ["phase_gan", "train", "mae_hu", "(min)", "50", "identity", "60"]
 
 
 def test_health_replica_unchanged_after_everything(server: Server) -> None:
