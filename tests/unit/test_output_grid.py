@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ctray.config import from_dict
+from ctray.data.grid import refine_grid
 from ctray.data.nifti import Volume
-from ctray.inference import predict_volume, refine_grid
+from ctray.inference import predict_volume
 from ctray.modeldir import LoadedModel
 from ctray.registry import DataInfo, get_family
 from ctray.serve.errors import ApiError
