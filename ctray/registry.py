@@ -128,6 +128,27 @@ class Condition:
     help: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class ViewInputs:
+    """The hook of a family whose input is N 2D projection images (X-ray views), not a volume.
+
+    The server takes the views as a multipart upload and the CLI sends them; the family says
+    what it expects and turns decoded 2D arrays into the tensor ``predict`` takes.
+
+    Attributes:
+        describe: (config, data) -> JSON description of the views to send (count, names in
+            order, angles, geometry, image size, accepted formats).
+        prepare: (arrays, config, data) -> tensor (1, V, H, W) for ``predict``; ``arrays`` are
+            decoded 2D float arrays in upload order. Raises ValueError with a message that says
+            what is expected (wrong count, size that cannot be resized, NaN ...).
+        output_grid: (config, data) -> (affine, shape) of the volume ``predict`` returns.
+    """
+
+    describe: Callable[[Any, DataInfo], dict[str, Any]]
+    prepare: Callable[[list[Any], Any, DataInfo], torch.Tensor]
+    output_grid: Callable[[Any, DataInfo], tuple[Any, tuple[int, int, int]]]
+
+
 def _no_warmup(config: Any) -> int:
     return 0
 
@@ -197,6 +218,8 @@ class FamilySpec:
         columns: shard columns the steps read.
         baselines: names of the trivial baselines eval steps report beside the model
             (``identity``, ``cubic`` ...): the run summary prints the model beside each.
+        views: set by families whose input is 2D views instead of a volume (X-ray to CT);
+            ``predict`` then maps (B, V, H, W) views to (B, 1, *output grid) volumes.
     """
 
     name: str
@@ -208,6 +231,7 @@ class FamilySpec:
     build_shards: Callable[..., Any]
     columns: tuple[str, ...]
     baselines: tuple[str, ...] = ()
+    views: ViewInputs | None = None
     conditioning: Mapping[str, Condition] = field(default_factory=dict)
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
