@@ -139,14 +139,19 @@ class ViewInputs:
         describe: (config, data) -> JSON description of the views to send (count, names in
             order, angles, geometry, image size, accepted formats).
         prepare: (arrays, config, data) -> tensor (1, V, H, W) for ``predict``; ``arrays`` are
-            decoded 2D float arrays in upload order. Raises ValueError with a message that says
-            what is expected (wrong count, size that cannot be resized, NaN ...).
+            decoded 2D float arrays in upload order, in whatever intensity scale the file had
+            (8/16-bit images, float NIfTI), so normalisation must not depend on it. Raises
+            ValueError with a message that says what is expected (wrong count, size that
+            cannot be resized, NaN ...).
         output_grid: (config, data) -> (affine, shape) of the volume ``predict`` returns.
+        render: (ct volume, config, data) -> {view name: 2D array}: exactly the views the model
+            expects, rendered from a CT (``ctray drr``: to try a model, and for tests).
     """
 
     describe: Callable[[Any, DataInfo], dict[str, Any]]
     prepare: Callable[[list[Any], Any, DataInfo], torch.Tensor]
     output_grid: Callable[[Any, DataInfo], tuple[Any, tuple[int, int, int]]]
+    render: Callable[[Any, Any, DataInfo], dict[str, Any]]
 
 
 def _no_warmup(config: Any) -> int:
