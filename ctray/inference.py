@@ -142,3 +142,35 @@ def predict_volume(
     """Predict one volume; ``conditioning`` holds user-typed strings (e.g. target_phase=venous)."""
     cond = model.spec.parse_conditioning(conditioning)
     return predict_volumes(model, [volume], [cond], **kw)[0]
+
+
+@torch.no_grad()
+def predict_views(
+    model: LoadedModel, views: list[list[np.ndarray]], conditions: list[Mapping[str, Any]]
+) -> list[Volume]:
+    """Predict volumes from 2D views (families with ``FamilySpec.views``), one list per request.
+
+    Each request's views go through the family's ``prepare`` (count, size, normalisation; a
+    ValueError says what is expected); requests with the same condition run as one batch. The
+    result is in HU on the family's documented output grid.
+    """
+    hook = model.spec.views
+    if hook is None:
+        raise ValueError(f"model {model.name!r} ({model.spec.name}) takes a volume, not views")
+    window = HUWindow(**model.data.window)
+    device = next(next(iter(model.models.values())).parameters()).device
+    affine, shape = hook.output_grid(model.config, model.data)
+    prepared = [hook.prepare(list(v), model.config, model.data) for v in views]
+    outputs: list[Volume | None] = [None] * len(views)
+    groups: dict[tuple, list[int]] = {}
+    for i, cond in enumerate(conditions):
+        groups.setdefault(tuple(sorted((k, str(v)) for k, v in cond.items())), []).append(i)
+    for indices in groups.values():
+        x = torch.cat([prepared[i] for i in indices]).to(device)
+        y = model.spec.predict(model.models, x, model.config, conditions[indices[0]])
+        for i, out in zip(indices, y.float().cpu().numpy()[:, 0], strict=True):
+            if out.shape != tuple(shape):
+                raise RuntimeError(f"{model.spec.name}.predict returned {out.shape}, not {shape}")
+            hu = window.denormalise(out).astype(np.float32)
+            outputs[i] = Volume(array=hu, affine=np.asarray(affine, dtype=np.float64))
+    return outputs  # type: ignore[return-value]

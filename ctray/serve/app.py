@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ctray import __version__
 from ctray.data.nifti import Volume
-from ctray.inference import predict_volumes
+from ctray.inference import predict_views, predict_volumes
 from ctray.modeldir import LoadedModel, load_model
 from ctray.serve.catalog import describe, discover
 from ctray.serve.config import ServeConfig
@@ -39,6 +40,7 @@ from ctray.serve.handling import (
     decode_volume,
     encode_volume,
     parse_conditioning,
+    parse_views,
     read_body,
 )
 
@@ -74,8 +76,9 @@ class _Item:
     """One validated request waiting for the model."""
 
     model: str
-    volume: Volume
+    volume: Volume | None
     condition: dict[str, Any]
+    views: list[np.ndarray] | None = None
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -84,6 +87,7 @@ class _Outcome:
 
     volume: Volume | None = None
     error: str | None = None
+    client_error: bool = False
     batch_size: int = 1
     seconds: float = 0.0
 
@@ -113,7 +117,14 @@ class CtrayModels:
         self.models: dict[str, LoadedModel] = {
             name: load_model(path, device=self.device) for name, path in paths.items()
         }
-        self.catalog = [describe(name, m.meta) for name, m in self.models.items()]
+        self.catalog = [
+            describe(
+                name,
+                m.meta,
+                views=m.spec.views.describe(m.config, m.data) if m.spec.views else None,
+            )
+            for name, m in self.models.items()
+        ]
         # One inference at a time per replica: a model is not shared between threads, and a
         # CPU gains nothing from two forward passes fighting over the same cores.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctray-infer")
@@ -150,18 +161,29 @@ class CtrayModels:
         condition = parse_conditioning(model.spec, request.query_params.multi_items())
         check_content_length(request.headers, cfg.max_body_bytes)
         body = await read_body(request.stream(), cfg.max_body_bytes)
-        volume = await asyncio.to_thread(
-            decode_volume, body, max_voxels=cfg.max_voxels, label="upload"
-        )
+        if model.spec.views is not None:
+            views = await parse_views(
+                body,
+                request.headers.get("content-type"),
+                max_views=cfg.max_views,
+                max_pixels=cfg.max_view_pixels,
+            )
+            item = _Item(model=name, volume=None, views=views, condition=condition)
+        else:
+            volume = await asyncio.to_thread(
+                decode_volume, body, max_voxels=cfg.max_voxels, label="upload"
+            )
+            check_output_size(model.data.output_scale, volume.shape, cfg.max_voxels)
+            item = _Item(model=name, volume=volume, condition=condition)
         del body
-        check_output_size(model.data.output_scale, volume.shape, cfg.max_voxels)
-        item = _Item(model=name, volume=volume, condition=condition)
         if cfg.batching:
             outcome = await self._batched(item)
         else:
             loop = asyncio.get_running_loop()
             outcome = (await loop.run_in_executor(self.executor, self._run, [item]))[0]
         if outcome.volume is None:
+            if outcome.client_error:
+                raise ApiError("invalid_view", outcome.error or "unusable views")
             raise ApiError("internal_error", f"model {name!r} failed: {outcome.error}")
         out = outcome.volume
         data = await asyncio.to_thread(encode_volume, out.array, out.affine)
@@ -208,14 +230,23 @@ class CtrayModels:
 
     def _predict(self, name: str, group: list[_Item]) -> list[_Outcome] | None:
         start = time.perf_counter()
+        model = self.models[name]
         try:
-            volumes = predict_volumes(
-                self.models[name],
-                [it.volume for it in group],
-                [it.condition for it in group],
-                overlap=self.config.overlap,
-                sw_batch_size=self.config.sw_batch_size * len(group),
-            )
+            if model.spec.views is not None:
+                volumes = predict_views(
+                    model, [it.views for it in group], [it.condition for it in group]
+                )
+            else:
+                volumes = predict_volumes(
+                    model,
+                    [it.volume for it in group],
+                    [it.condition for it in group],
+                    overlap=self.config.overlap,
+                    sw_batch_size=self.config.sw_batch_size * len(group),
+                )
+        except ValueError as err:  # a views model's prepare: what the client sent is unusable
+            log.info("prediction with %s refused: %s", name, err)
+            return [_Outcome(error=str(err), client_error=True) for _ in group]
         except Exception:
             log.exception("prediction with %s failed for a batch of %d", name, len(group))
             return None

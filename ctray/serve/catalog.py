@@ -52,8 +52,14 @@ def _collect(paths: list[Path], servable_only: bool) -> dict[str, Path]:
     return found
 
 
-def describe(name: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """The public description of one model (no paths, no training config)."""
+def describe(
+    name: str, meta: dict[str, Any], *, views: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The public description of one model (no paths, no training config).
+
+    ``views`` (the family's ViewInputs.describe) is added for models that take X-ray views:
+    what to send, in which order, at which size (``input`` then describes the output CT grid).
+    """
     data = meta["data"]
     scale = [int(s) for s in data.get("output_scale", (1, 1, 1))]
     return {
@@ -75,6 +81,7 @@ def describe(name: str, meta: dict[str, Any]) -> dict[str, Any]:
             k: {"default": c.get("default"), "help": c.get("help", "")}
             for k, c in meta.get("conditioning", {}).items()
         },
+        **({"views": views} if views is not None else {}),
     }
 
 

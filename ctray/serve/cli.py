@@ -34,8 +34,14 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--address", help="join a running Ray cluster instead of starting one")
     s.set_defaults(func=_serve)
 
-    p = sub.add_parser("predict", help="send a NIfTI to a running `ctray serve`")
-    p.add_argument("input", metavar="IN", help=".nii or .nii.gz volume")
+    p = sub.add_parser("predict", help="send a NIfTI (or X-ray views) to a running `ctray serve`")
+    p.add_argument("input", metavar="IN", nargs="?", help=".nii or .nii.gz volume")
+    p.add_argument(
+        "--views",
+        nargs="+",
+        metavar="FILE",
+        help="X-ray views instead of a volume (PNG, TIFF or 2D NIfTI), in the model's order",
+    )
     p.add_argument("-o", "--out", required=True, help="where to write the .nii.gz prediction")
     p.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8000"))
     p.add_argument("--model", required=True, help="model name (see GET /v1/models)")
@@ -44,6 +50,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--token", help=f"bearer token (or ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds")
     p.set_defaults(func=_predict)
+
+    d = sub.add_parser("drr", help="render the X-ray views a model expects from a CT")
+    d.add_argument("ct", metavar="CT", help=".nii or .nii.gz CT volume (HU)")
+    d.add_argument("--model", required=True, help="exported model directory, or its name")
+    d.add_argument("--models", default="exported", help="folder to find --model NAME in")
+    d.add_argument("--out", required=True, help="folder the views are written to (.nii.gz)")
+    d.set_defaults(func=_drr)
 
     m = sub.add_parser("models", help="list exported models in a folder, with their metrics")
     m.add_argument("dir", help="folder of exported models")
@@ -85,14 +98,28 @@ def _predict(args: argparse.Namespace) -> int:
         conditioning[key] = value
     if args.target_phase is not None:
         conditioning["target_phase"] = args.target_phase
+    if (args.input is None) == (args.views is None):
+        raise ConfigError("give either a volume IN or --views FILE [FILE ...]")
+    source = args.input if args.views is None else list(args.views)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
         with CtrayClient(args.url, token, timeout=args.timeout) as client:
-            out = client.predict_file(args.input, args.out, args.model, **conditioning)
+            out = client.predict_file(source, args.out, args.model, **conditioning)
     except ServeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if err.status >= 500 else 2
     print(f"wrote {out}")
+    return 0
+
+
+def _drr(args: argparse.Namespace) -> int:
+    from ctray.serve.views import render_views
+
+    paths = render_views(args.ct, args.model, args.out, models_root=args.models)
+    for path in paths:
+        print(f"wrote {path}")
+    names = " ".join(str(p) for p in paths)
+    print(f"query a served model with: ctray predict --model NAME --views {names} -o ct.nii.gz")
     return 0
 
 

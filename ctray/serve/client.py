@@ -60,15 +60,39 @@ class CtrayClient:
         )
         return response.content
 
+    def predict_views(
+        self, views: list[str | os.PathLike | bytes], model: str, **conditioning: Any
+    ) -> bytes:
+        """Send X-ray views (paths or bytes, in the order the model lists) as multipart
+        ``views`` files; returns the predicted CT as .nii.gz bytes."""
+        files = []
+        for i, view in enumerate(views):
+            if isinstance(view, bytes):
+                files.append(("views", (f"view{i}", view, "application/octet-stream")))
+            else:
+                path = Path(view)
+                files.append(("views", (path.name, path.read_bytes(), "application/octet-stream")))
+        response = self._call(
+            "POST",
+            f"/v1/models/{quote(model, safe='')}/predict",
+            params={k: str(v) for k, v in conditioning.items()},
+            files=files,
+        )
+        return response.content
+
     def predict_file(
         self,
-        in_path: str | os.PathLike,
+        in_path: str | os.PathLike | list[str | os.PathLike],
         out_path: str | os.PathLike,
         model: str,
         **conditioning: Any,
     ) -> Path:
-        """Predict ``in_path`` and write the result atomically to ``out_path`` (.nii.gz)."""
-        data = self.predict(in_path, model, **conditioning)
+        """Predict ``in_path`` (a volume, or a list of view files) and write the result
+        atomically to ``out_path`` (.nii.gz)."""
+        if isinstance(in_path, list):
+            data = self.predict_views(in_path, model, **conditioning)
+        else:
+            data = self.predict(in_path, model, **conditioning)
         return atomic_write_bytes(out_path, data)
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:

@@ -40,6 +40,8 @@ class ServeConfig:
         max_ongoing_requests: requests a replica holds at once (queued + running).
         overlap / sw_batch_size: sliding-window settings per request (a batch of n requests
             runs n * sw_batch_size windows per forward pass).
+        max_views / max_view_pixels: limits of a multipart upload of X-ray views (files per
+            request, pixels per view, checked before decoding).
         app_name / route_prefix: the Serve application's name and URL prefix.
     """
 
@@ -59,6 +61,8 @@ class ServeConfig:
     max_ongoing_requests: int = 16
     overlap: float = 0.25
     sw_batch_size: int = 4
+    max_views: int = 16
+    max_view_pixels: int = 16_000_000
     app_name: str = "ctray"
     route_prefix: str = "/"
 

@@ -15,6 +15,8 @@ STATUS = {
     "volume_too_large": 413,
     "empty_body": 400,
     "invalid_nifti": 422,
+    "invalid_view": 422,
+    "wrong_input_kind": 415,
     "invalid_conditioning": 422,
     "invalid_request": 422,
     "internal_error": 500,

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ctray.data.images import ViewError, decode_view
 from ctray.data.nifti import NiftiError, Volume, load_nifti, nifti_bytes, read_header_shape
 from ctray.registry import FamilySpec
 from ctray.serve.errors import ApiError
@@ -110,6 +111,57 @@ def check_output_size(scale: Sequence[int], shape: Sequence[int], max_voxels: in
             f"{'x'.join(str(int(f)) for f in scale)}), over the server's limit of "
             f"{max_voxels:,}; send a smaller volume",
         )
+
+
+async def parse_views(
+    body: bytes, content_type: str | None, *, max_views: int, max_pixels: int
+) -> list[np.ndarray]:
+    """The ``views`` files of a multipart/form-data body, decoded in upload order.
+
+    A views model told nothing else answers with what it expects: the content type, the field
+    name, the formats; every undecodable view is named with its position and file name.
+    """
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    if not (content_type or "").lower().startswith("multipart/form-data"):
+        raise ApiError(
+            "wrong_input_kind",
+            "this model takes X-ray views: send multipart/form-data with one 'views' file per "
+            "view (PNG, 16-bit TIFF or 2D NIfTI) in the order GET /v1/models/{name} lists",
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(
+            Headers({"content-type": content_type or ""}),
+            stream(),
+            max_files=max_views,
+            max_fields=16,
+        ).parse()
+    except MultiPartException as err:
+        raise ApiError("invalid_request", f"unreadable multipart body: {err.message}") from None
+    try:
+        unknown = sorted({k for k in form if k != "views"})
+        if unknown:
+            raise ApiError(
+                "invalid_request", f"unknown form field(s) {unknown}; send only 'views' files"
+            )
+        files = form.getlist("views")
+        if not files or not all(isinstance(f, UploadFile) for f in files):
+            raise ApiError("invalid_request", "no 'views' files in the form")
+        views = []
+        for i, f in enumerate(files):
+            label = f"views[{i}] ({f.filename or 'unnamed'})"
+            try:
+                views.append(decode_view(await f.read(), label=label, max_pixels=max_pixels))
+            except ViewError as err:
+                raise ApiError("invalid_view", str(err)) from err
+        return views
+    finally:
+        await form.close()
 
 
 def encode_volume(array: np.ndarray, affine: np.ndarray) -> bytes:
