@@ -21,10 +21,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from ctray.config import from_dict
+from ctray.config import field_names, from_dict
 from ctray.data.shards import load_manifest
 from ctray.modeldir import read_meta
-from ctray.registry import Stage, get_family
+from ctray.registry import FamilySpec, Stage, get_family
 from ctray.train.loop import LoopConfig
 from ctray.train.trainer import Resources, datasets, make_trainer
 from ctray.tune.search_space import SearchSpace
@@ -65,6 +65,14 @@ class TuneSettings:
 def metric_name(family: str, stage: str | None = None) -> str:
     spec = get_family(family)
     return f"val/{(spec.stage(stage) if stage else spec.final).metric}"
+
+
+def data_bound_options(spec: FamilySpec, build: dict[str, Any]) -> dict[str, Any]:
+    """Data options the shards were built with that are also model settings (e.g. an X-ray
+    geometry, a slice factor): the model must use the shards' values, so they override the
+    search space's base."""
+    fields = set(field_names(spec.config_cls))
+    return {k: v for k, v in (build.get("family_options") or {}).items() if k in fields}
 
 
 def grace_epochs(stage: Stage, base_config: Any, settings: TuneSettings) -> int:
@@ -154,6 +162,15 @@ def run_tune(
             f"stage {trained.name!r} of {spec.name} needs the export of the stage before it "
             "(--init-from DIR), or run every stage in sequence (--stage all)"
         )
+    bound = data_bound_options(spec, manifest.build)
+    fixed = sorted(set(space.params) & set(bound))
+    if fixed:
+        raise ValueError(
+            f"{space.source}: {', '.join(fixed)} are fixed by the shards (built with "
+            f"{', '.join(f'{k}={bound[k]}' for k in fixed)}); remove them from the search space "
+            "or rebuild the shards with other --option values"
+        )
+    base = {**base, **bound}
     prepared = datasets(spec, data_dir, manifest, materialize=True, seed=settings.seed)
     loop = loop_settings(
         trained,
