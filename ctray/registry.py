@@ -314,6 +314,7 @@ class FamilySpec:
 FAMILIES: dict[str, str] = {
     "phase_gan": "ctray.families.phase_gan.spec:SPEC",
     "pix2pix": "ctray.families.pix2pix.spec:SPEC",
+    "xray2ct": "ctray.families.xray2ct.spec:SPEC",
 }
 
 
