@@ -76,3 +76,9 @@ def smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pix2pix_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`experiments/tune_pix2pix.py --smoke-test`, once; its export folder holds `smoke`."""
     return _smoke_export("tune_pix2pix", tmp_path_factory.mktemp("p2p_smoke"))
+
+
+@pytest.fixture(scope="session")
+def xray2ct_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiments/tune_xray2ct.py --smoke-test`, once; its export folder holds `smoke`."""
+    return _smoke_export("tune_xray2ct", tmp_path_factory.mktemp("xray_smoke"))
