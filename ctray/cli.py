@@ -48,6 +48,33 @@ def _data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from ctray.evaluate import evaluate
+    from ctray.modeldir import read_meta
+    from ctray.tune.export import report_files
+
+    metrics = evaluate(
+        args.model,
+        args.shards,
+        split=args.split,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+    )
+    spec = get_family(read_meta(args.model)["family"])
+    if spec.baselines:
+        print(report_files(metrics, spec.baselines)["report.txt"], end="")
+    else:
+        print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+    if args.out:
+        from ctray.files import atomic_write_bytes
+
+        atomic_write_bytes(args.out, json.dumps(metrics, indent=2).encode())
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _tune(args: argparse.Namespace, rest: list[str]) -> int:
     from ctray.experiment import run
 
@@ -81,6 +108,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("family", help=f"one of {', '.join(family_names())}")
     tune.set_defaults(func=_tune, passthrough=True)
+
+    ev = sub.add_parser(
+        "evaluate", help="metrics of an exported model on shards it never saw, beside baselines"
+    )
+    ev.add_argument("--model", required=True, help="exported model directory")
+    ev.add_argument("--shards", required=True, help="shard folder built with the model's settings")
+    ev.add_argument("--split", default="val", choices=["val", "train"])
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--max-batches", type=int, help="stop after this many batches")
+    ev.add_argument("--out", help="also write the metrics as JSON here")
+    ev.set_defaults(func=_evaluate)
 
     add_serve_commands(sub)
     return parser

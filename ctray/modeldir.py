@@ -78,6 +78,7 @@ def export_model(
     source: dict[str, Any] | None = None,
     lineage: list[dict[str, Any]] | None = None,
     extra_files: dict[str, str] | None = None,
+    build: dict[str, Any] | None = None,
 ) -> Path:
     """Write a model directory at ``out`` (replacing one that is there) and return its path.
 
@@ -104,6 +105,7 @@ def export_model(
         "stage": trained.name,
         "servable": trained is spec.final,
         "lineage": list(lineage or []),
+        "build": build or {},
         "family_config": family_config,
         "data": data,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},

@@ -54,6 +54,9 @@ class BuildConfig:
         resize_inplane: 2D slice families (patch_size (H, W, 1)): slices are resized in-plane to
             (H, W) and z keeps the input's slices, instead of resampling to ``spacing``;
             inference reads it back (DataInfo.resize_inplane).
+        output_scale: the output grid rule of families whose output is finer than their input
+            (slice_ldm: (1, 1, factor)); ``patch_size`` and ``spacing`` describe the input.
+            Inference reads it back (DataInfo.output_scale).
     """
 
     patch_size: tuple[int, int, int] = (32, 32, 32)
@@ -65,6 +68,7 @@ class BuildConfig:
     seed: int = 0
     strict: bool = False
     resize_inplane: bool = False
+    output_scale: tuple[int, int, int] = (1, 1, 1)
 
     @property
     def window(self) -> dict[str, float]:
@@ -178,7 +182,13 @@ def hu_stats(array: np.ndarray) -> dict[str, float]:
 
 
 def assign_splits(subjects: Sequence[str], val_fraction: float, seed: int) -> dict[str, str]:
-    """Stable subject-level split: the same subjects land in the same split on every re-run."""
+    """Stable subject-level split: the same subjects land in the same split on every re-run.
+
+    ``val_fraction >= 1`` makes evaluation-only shards: every subject is held out (for
+    ``ctray evaluate`` of a trained model on scans it never saw).
+    """
+    if val_fraction >= 1.0:
+        return dict.fromkeys(subjects, "val")
     if len(subjects) < 2:
         raise BuildError(
             f"need at least 2 subjects for a train/val split, got {len(subjects)}; add inputs, "
@@ -297,7 +307,8 @@ def build_shards(
         )
     if config.strict and manifest.skipped:
         raise BuildError("; ".join(f"{s['path']}: {s['reason']}" for s in manifest.skipped))
-    for split in SPLITS:
+    needed = ("val",) if config.val_fraction >= 1.0 else SPLITS
+    for split in needed:
         if not any(r.split == split for r in manifest.inputs):
             raise BuildError(f"no usable subject left for the {split!r} split; see skipped inputs")
     keep = {out / r.shard for r in manifest.inputs}

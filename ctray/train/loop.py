@@ -140,7 +140,7 @@ def _iterate(
         yield batch
 
 
-class _Mean:
+class Mean:
     """Running sums of per-sample (or per-step) values, reduced across workers on demand."""
 
     def __init__(self) -> None:
@@ -316,7 +316,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         ctx.epoch = epoch
         ctx.models = models.train_mode()
-        train_mean = _Mean()
+        train_mean = Mean()
         shuffle_seed = loop.seed + rank + 7919 * epoch
         for batch in _iterate("train", loop, device, loop.max_train_batches, shuffle_seed):
             ctx.step = optimize.step
@@ -340,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             continue
         ctx.models = models.eval_mode()
-        val_mean = _Mean()
+        val_mean = Mean()
         preview = None
         with torch.no_grad():
             for batch in _iterate("val", loop, device, loop.max_val_batches, 0):

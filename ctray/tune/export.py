@@ -10,6 +10,7 @@ from typing import Any
 from ray.train import Checkpoint
 from ray.tune import ResultGrid
 
+from ctray.data.shards import load_manifest
 from ctray.modeldir import export_model, read_meta, weights_digest
 from ctray.registry import get_family
 from ctray.train.loop import CONFIG_FILE, STATE_FILE, exported_weights, load_state
@@ -44,6 +45,7 @@ def export_checkpoint(
         state=exported_weights(state),
         lineage=lineage(config["loop"].get("init_from")),
         extra_files=report_files(metrics, spec.baselines),
+        build=_training_build(config.get("data_dir")),
         metrics={**val, "epoch": metrics.get("epoch")} if "epoch" in metrics else val,
         source={
             "checkpoint": checkpoint_path,
@@ -51,6 +53,15 @@ def export_checkpoint(
             **(source or {}),
         },
     )
+
+
+def _training_build(data_dir: str | None) -> dict[str, Any]:
+    """The build settings of the shards the model trained on (patch, spacing, window, family
+    options), so `ctray evaluate` can say how to build matching shards; {} if unreadable."""
+    try:
+        return load_manifest(data_dir).build if data_dir else {}
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
 
 
 def report_files(metrics: dict[str, Any], baselines: tuple[str, ...]) -> dict[str, str]:
