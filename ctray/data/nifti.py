@@ -67,6 +67,11 @@ def nifti_stem(path: Path) -> str:
     return path.stem
 
 
+def is_label_map(path: Path) -> bool:
+    """``NAME_seg.nii[.gz]``: an organ label map beside its scan (TotalSegmentator naming)."""
+    return is_nifti(path) and nifti_stem(path).endswith("_seg")
+
+
 class NiftiError(ValueError):
     """An input volume that cannot be used; names the file and the reason."""
 

@@ -58,6 +58,7 @@ from ctray.data.nifti import (
     NiftiError,
     Volume,
     canonical_ras,
+    is_label_map,
     is_nifti,
     load_nifti,
     nifti_stem,
@@ -353,7 +354,9 @@ def find_inputs(
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file() and is_nifti(path):
+        if path.is_file() and is_label_map(path):
+            skipped.append({"path": str(path), "reason": "an organ label map (*_seg), not a CT"})
+        elif path.is_file() and is_nifti(path):
             cts.append((nifti_stem(path), path))
         elif path.is_dir():
             ct = _ct_file(path)
