@@ -232,3 +232,14 @@ def test_loop_config_validation_schedule() -> None:
     assert [e for e in range(5) if loop.validates(e)] == [1, 3, 4]
     with pytest.raises(ValueError, match="val_every"):
         LoopConfig(family="toy", val_every=0)
+
+
+def test_data_options_that_are_model_settings_follow_the_shards() -> None:
+    from ctray.tune.runner import data_bound_options
+
+    spec = get_family("xray2ct")
+    build = {"family_options": {"beam": "parallel", "rendered_angles": [0, 90], "photons": 1e4}}
+    # Geometry is both a data option and a model setting: the model takes the shards' value;
+    # options that only shape the data stay out of the model config.
+    assert data_bound_options(spec, build) == {"beam": "parallel"}
+    assert data_bound_options(spec, {}) == {}

@@ -264,7 +264,7 @@ def test_paired_studies_and_partial_ones(tmp_path: Path) -> None:
         out=tmp_path / "shards",
         inputs=tmp_path,
         config=BuildConfig(patch_size=PATCH, spacing=SPACING, patches_per_subject=3),
-        options={"view_angles": [0, 90]},
+        options={"rendered_angles": [0, 90]},
         progress=False,
     )
     assert sorted(r.subject for r in manifest.inputs) == ["study-a", "study-b"]

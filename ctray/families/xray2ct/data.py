@@ -80,7 +80,8 @@ class XRay2CTDataOptions(ViewSettings):
     """Family-specific build options (the geometry fields are those of the model config).
 
     Attributes:
-        view_angles: gantry angles rendered, degrees; models use any subset of them.
+        rendered_angles: gantry angles rendered, degrees; models use any subset of them (a
+            model's own ``view_angles`` / ``num_views`` pick it).
         photons: quantum noise, photons per pixel without attenuation (None: noise-free).
         oversample: views are rendered from a grid this many times finer than the output.
         max_rotation_deg / max_shift_mm: random rigid motion of the samples after the first.
@@ -88,7 +89,7 @@ class XRay2CTDataOptions(ViewSettings):
         invert: real radiographs are transmission images (air bright): invert them.
     """
 
-    view_angles: tuple[float, ...] = (0.0, 45.0, 90.0, 135.0)
+    rendered_angles: tuple[float, ...] = (0.0, 45.0, 90.0, 135.0)
     photons: float | None = 1e5
     oversample: int = 2
     max_rotation_deg: float = 4.0
@@ -97,8 +98,8 @@ class XRay2CTDataOptions(ViewSettings):
     invert: bool = False
 
     def __post_init__(self) -> None:
-        if not self.view_angles:
-            raise ValueError("view_angles must list at least one angle")
+        if not self.rendered_angles:
+            raise ValueError("rendered_angles must list at least one angle")
         if self.oversample < 1:
             raise ValueError(f"oversample must be >= 1, got {self.oversample}")
         if self.photons is not None and self.photons <= 0:
@@ -108,7 +109,7 @@ class XRay2CTDataOptions(ViewSettings):
 
     @property
     def view_names(self) -> list[str]:
-        return [view_name(a) for a in self.view_angles]
+        return [view_name(a) for a in self.rendered_angles]
 
 
 # --------------------------------------------------------------------------- grids
@@ -252,7 +253,7 @@ class Plan:
 
 
 def make_plan(config: BuildConfig, opts: XRay2CTDataOptions) -> Plan:
-    geometry = opts.geometry(opts.view_angles, config.patch_size, config.spacing)
+    geometry = opts.geometry(opts.rendered_angles, config.patch_size, config.spacing)
     return Plan(
         config=config,
         opts=opts,

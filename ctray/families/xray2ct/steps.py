@@ -84,7 +84,7 @@ def select_views(batch: Batch, geometry: DRRGeometry, device: torch.device) -> t
             raise ValueError(
                 f"the model's view angle {angle:g} deg was not rendered into these shards "
                 f"(they hold {', '.join(f'{a:g}' for a in rendered)} deg); pick the model's "
-                "num_views / view_angles among those or rebuild with option view_angles=[...]"
+                "num_views / view_angles among those or rebuild with option rendered_angles=[...]"
             )
         index.append(k)
     views = batch["views"].to(device=device, dtype=torch.float32)
