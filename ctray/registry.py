@@ -277,10 +277,12 @@ class FamilySpec:
         return self.stages[: self.stages.index(stage)]
 
     def frozen_modules(self, stage: Stage) -> tuple[str, ...]:
-        """Modules trained by earlier stages: loaded, frozen, never DDP-wrapped."""
+        """What earlier stages export (their ``inference_models``) and ``stage`` does not
+        train: loaded from that export, frozen, never DDP-wrapped. An earlier stage's
+        training-only modules (e.g. its discriminator) are not carried forward."""
         out: list[str] = []
         for s in self.earlier(stage):
-            out.extend(m for m in s.trains if m not in out and m not in stage.trains)
+            out.extend(m for m in s.inference_models if m not in out and m not in stage.trains)
         return tuple(out)
 
     def preset(self, name: str) -> dict[str, Any]:
@@ -314,6 +316,7 @@ class FamilySpec:
 FAMILIES: dict[str, str] = {
     "phase_gan": "ctray.families.phase_gan.spec:SPEC",
     "pix2pix": "ctray.families.pix2pix.spec:SPEC",
+    "slice_ldm": "ctray.families.slice_ldm.spec:SPEC",
     "xray2ct": "ctray.families.xray2ct.spec:SPEC",
 }
 

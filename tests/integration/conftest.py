@@ -82,3 +82,10 @@ def pix2pix_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) 
 def xray2ct_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`experiments/tune_xray2ct.py --smoke-test`, once; its export folder holds `smoke`."""
     return _smoke_export("tune_xray2ct", tmp_path_factory.mktemp("xray_smoke"))
+
+
+@pytest.fixture(scope="session")
+def slice_ldm_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiments/tune_slice_ldm.py --smoke-test` (both stages), once; its export folder
+    holds `smoke-autoencoder` (stage 1) and `smoke` (the servable stage-2 model)."""
+    return _smoke_export("tune_slice_ldm", tmp_path_factory.mktemp("ldm_smoke"))

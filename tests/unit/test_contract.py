@@ -20,6 +20,7 @@ from ctray.train.loop import LoopConfig, StageModels, exported_weights
 from ctray.train.optimization import Optimization
 from ctray.train.state import (
     all_rng_states,
+    ema_decay_at,
     ema_weights,
     make_ema,
     restore_rank_rng,
@@ -216,13 +217,16 @@ def test_ema_update_and_checkpoint_round_trip() -> None:
     with torch.no_grad():
         module.weight.fill_(2.0)
     ema.update_parameters(module)
-    torch.testing.assert_close(ema.module.weight, torch.full((1, 2), 1.1))
+    # Second update: warmed-up decay min(0.9, 2 / 11).
+    expected = torch.full((1, 2), 1.0 * (2 / 11) + 2.0 * (9 / 11))
+    torch.testing.assert_close(ema.module.weight, expected)
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1) and ema_decay_at(0.999, 10**6) == 0.999
     state = {"models": {"m": module.state_dict()}, "ema": {"m": ema_weights(ema)}}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     restored = exported_weights(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(restored["m"]["weight"], torch.full((1, 2), 1.1))
+    torch.testing.assert_close(restored["m"]["weight"], expected)
     with pytest.raises(ValueError, match="ema_decay"):
         make_ema(module, 1.0)
 
