@@ -378,9 +378,9 @@ def _tune_stage(
     path, metrics = export_best(grid, spec.name, out, experiment=run_name, stage=stage)
     best_cfg = json.loads((path / "model.json").read_text())["source"]["config"]
     print(f"\nbest configuration: {json.dumps(best_cfg, sort_keys=True)}")
-    if spec.baselines:
-        report = report_files(metrics, spec.baselines)["report.txt"]
-        print(f"validation of the best model beside its baselines:\n{report}", end="")
+    files = report_files(metrics, spec.baselines)
+    if files and files["report.txt"].strip() != "(no metric with a baseline)":
+        print(f"validation of the best model beside its baselines:\n{files['report.txt']}", end="")
     else:
         val = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
         print(f"best validation metrics: {val}")
