@@ -24,7 +24,16 @@ LABEL_CLASSES: dict[str, int] = {
     "ivc": 7,
     "pancreas": 8,
 }
-ROI_ORGANS: tuple[str, ...] = ("aorta", "portal_vein", "liver", "kidney")
+# Every organ class is one that contrast enhances (the body class is everything else).
+ROI_ORGANS: tuple[str, ...] = (
+    "aorta",
+    "portal_vein",
+    "ivc",
+    "liver",
+    "spleen",
+    "kidney",
+    "pancreas",
+)
 MIN_ROI_VOXELS = 8
 
 
@@ -64,6 +73,67 @@ def roi_mean_error(
     return torch.where(count >= MIN_ROI_VOXELS, err, torch.full_like(err, float("nan")))
 
 
+def organ_mae_hu(
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    labels: torch.Tensor,
+    window: HUWindow,
+    organs: tuple[str, ...] = ROI_ORGANS,
+) -> torch.Tensor:
+    """Voxel MAE (HU) of each organ present (>= MIN_ROI_VOXELS), averaged over those organs.
+
+    Each organ weighs the same whatever its size, so a model that ignores the aorta cannot
+    hide it behind the liver. NaN where no organ is present.
+    """
+    per_organ = []
+    for organ in organs:
+        m = labels == LABEL_CLASSES[organ]
+        count = m.float().flatten(1).sum(1)
+        err = mae_hu(pred, truth, m, window)
+        per_organ.append(torch.where(count >= MIN_ROI_VOXELS, err, torch.nan))
+    stacked = torch.stack(per_organ, dim=1)
+    return stacked.nanmean(dim=1)
+
+
+def balanced_mae_hu(
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    labels: torch.Tensor,
+    window: HUWindow,
+    organs: tuple[str, ...] = ROI_ORGANS,
+) -> torch.Tensor:
+    """Mean of :func:`organ_mae_hu` and the MAE in the rest of the body, per sample (HU).
+
+    Contrast changes a few organs and leaves the rest of the body as it is: whole-body MAE is
+    dominated by the unchanged voxels (it rewards doing nothing), organ errors alone reward
+    changing everything. Weighing both halves equally scores the enhancement of every organ and
+    the preservation of everything else. Falls back to the rest-of-body MAE without organs.
+    """
+    organ_classes = torch.tensor([LABEL_CLASSES[o] for o in organs], device=labels.device)
+    rest = (labels > 0) & ~torch.isin(labels, organ_classes)
+    both = torch.stack(
+        (organ_mae_hu(pred, truth, labels, window, organs), mae_hu(pred, truth, rest, window)), 1
+    )
+    return both.nanmean(dim=1)
+
+
+def split_by_group(
+    metrics: dict[str, torch.Tensor], group: torch.Tensor, names: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Per-sample metrics copied to ``<name>/<key>`` for each group name, NaN elsewhere.
+
+    ``group`` (B,) holds each sample's index into ``names`` (e.g. its target phase). Every
+    name gets every key (NaN where a batch has none of that group), so all workers reduce the
+    same keys; the loop's mean ignores NaN.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for index, name in enumerate(names):
+        mine = group.reshape(-1) == index
+        for key, values in metrics.items():
+            out[f"{name}/{key}"] = torch.where(mine, values.float(), torch.nan)
+    return out
+
+
 def image_metrics(
     pred: torch.Tensor,
     truth: torch.Tensor,
@@ -73,7 +143,10 @@ def image_metrics(
     prefix: str = "",
     organs: tuple[str, ...] = ROI_ORGANS,
 ) -> dict[str, torch.Tensor]:
-    """MAE (HU, inside the body), PSNR, SSIM and organ mean-HU errors for one prediction."""
+    """MAE (HU, inside the body), PSNR, SSIM and organ mean-HU errors for one prediction.
+
+    With organs, also the organ-wise and balanced MAE (:func:`balanced_mae_hu`).
+    """
     out = {
         f"{prefix}mae_hu": mae_hu(pred, truth, labels > 0, window),
         f"{prefix}psnr": psnr(pred, truth),
@@ -81,4 +154,7 @@ def image_metrics(
     }
     for organ in organs:
         out[f"{prefix}roi_{organ}_hu"] = roi_mean_error(pred, truth, labels, organ, window)
+    if organs:
+        out[f"{prefix}organ_mae_hu"] = organ_mae_hu(pred, truth, labels, window, organs)
+        out[f"{prefix}balanced_mae_hu"] = balanced_mae_hu(pred, truth, labels, window, organs)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -163,6 +163,14 @@ class SimulatorConfig:
         collecting_system_hu: extra HU range of the excreted contrast in the kidney core
             (delayed); 0 disables it.
         collecting_system_fraction: share of the deepest kidney voxels that are collecting system.
+        psf_sigma_voxels: Gaussian blur (sd in voxels) of the enhancement added to a scan: the
+            scanner images contrast through the same point-spread function as the rest of the
+            scan, so enhanced organs get edges as soft as every other edge in it, not the hard
+            steps of a label map (0: hard steps). Hard steps are also what makes simulated
+            motion and its registration leave large interpolation differences at edges.
+        motion_order: spline order of the resampling that moves the patient (3: cubic, which
+            keeps edges nearly as sharp as a real acquisition; 1, linear, visibly blurs them,
+            so observed phases would be blurrier than the scans a model meets in use).
     """
 
     subject_variation: float = 0.2
@@ -174,6 +182,8 @@ class SimulatorConfig:
     spleen_arterial_heterogeneity_hu: float = 25.0
     collecting_system_hu: tuple[float, float] = (300.0, 600.0)
     collecting_system_fraction: float = 0.1
+    psf_sigma_voxels: float = 0.0
+    motion_order: int = 3
 
     def __post_init__(self) -> None:
         if not 0 <= self.subject_variation < 1:
@@ -183,16 +193,24 @@ class SimulatorConfig:
         lo, hi = self.noise_sd_range
         if not 0 <= lo <= hi:
             raise ValueError("noise_sd_range must satisfy 0 <= low <= high")
+        if self.psf_sigma_voxels < 0:
+            raise ValueError("psf_sigma_voxels must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SimulatedPhase:
-    """One simulated phase: aligned truth (evaluation only) and the observed, semi-paired scan."""
+    """One simulated phase: aligned truth (evaluation only) and the observed, semi-paired scan.
+
+    ``motion`` is the simulated patient motion as a 4x4 matrix on voxel indices: the observed
+    voxel ``o`` shows the truth at ``motion @ [*o, 1]`` (identity for paired data). It is known
+    only because the phase is simulated; registration is scored against it.
+    """
 
     phase: int
     truth: np.ndarray
     observed: np.ndarray
     z_range: tuple[int, int]
+    motion: np.ndarray = field(default_factory=lambda: np.eye(4))
 
 
 def _native_hu(organ: str) -> float:
@@ -228,6 +246,9 @@ def _enhance(
         if organ == "kidney" and phase == "delayed" and config.collecting_system_hu[1] > 0:
             core = _kidney_core(labels, config.collecting_system_fraction)
             truth[core] += np.float32(rng.uniform(*config.collecting_system_hu))
+    if config.psf_sigma_voxels > 0:
+        added = ndimage.gaussian_filter(truth - native, config.psf_sigma_voxels)
+        truth = (native + added).astype(np.float32)
     return truth
 
 
@@ -266,8 +287,11 @@ def _observe(
     spacing: tuple[float, float, float],
     rng: np.random.Generator,
     config: SimulatorConfig,
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Rigid motion about the volume centre (in mm), partial z-coverage and noise."""
+) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """Rigid motion about the volume centre (in mm), partial z-coverage and noise.
+
+    Returns the observed volume, its z-coverage and the motion (4x4, observed voxel -> truth).
+    """
     rot = _rotation(np.deg2rad(rng.uniform(-1, 1, 3) * config.max_rotation_deg))
     shift_mm = rng.uniform(-1, 1, 3) * config.max_translation_mm
     s = np.asarray(spacing, dtype=np.float64)
@@ -278,7 +302,7 @@ def _observe(
         truth,
         matrix,
         offset=offset,
-        order=1,
+        order=config.motion_order,
         mode="constant",
         cval=MOTION_CVAL_HU,
         output=np.float32,
@@ -291,7 +315,9 @@ def _observe(
     moved += rng.standard_normal(moved.shape, dtype=np.float32) * np.float32(sd)
     moved[:, :, :start] = FILL_HU
     moved[:, :, start + length :] = FILL_HU
-    return moved, (start, start + length)
+    motion = np.eye(4)
+    motion[:3, :3], motion[:3, 3] = matrix, offset
+    return moved, (start, start + length), motion
 
 
 def simulate_phases(
@@ -332,9 +358,12 @@ def simulate_phases(
             truth = base.copy()
         else:
             truth = _enhance(base, labels, PHASES[idx], factors, rng, config)
+        motion = np.eye(4)
         if config.semi_paired:
-            observed, z_range = _observe(truth, native.spacing, rng, config)
+            observed, z_range, motion = _observe(truth, native.spacing, rng, config)
         else:
             observed, z_range = truth.copy(), (0, truth.shape[2])
-        out[idx] = SimulatedPhase(phase=idx, truth=truth, observed=observed, z_range=z_range)
+        out[idx] = SimulatedPhase(
+            phase=idx, truth=truth, observed=observed, z_range=z_range, motion=motion
+        )
     return out

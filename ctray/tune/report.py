@@ -17,6 +17,8 @@ def baseline_rows(
 ) -> list[dict[str, Any]]:
     """One row per model metric that has at least one baseline value beside it.
 
+    Rows where neither the model nor any baseline has a finite value are left out.
+
     Rows: ``{"group", "metric", "model", <baseline>: value, ...}``, overall metrics first,
     then groups in name order.
     """
@@ -34,6 +36,8 @@ def baseline_rows(
         beside = {b: values.get(f"{scope}{b}_{name}") for b in baselines}
         if all(v is None for v in beside.values()):
             continue
+        if not _finite(value) and not any(_finite(v) for v in beside.values()):
+            continue  # a group the validation data does not have (e.g. an untrained phase)
         rows.append({"group": group or "all", "metric": name, "model": value, **beside})
     rows.sort(key=lambda r: (r["group"] != "all", r["group"], r["metric"]))
     return rows
@@ -60,3 +64,7 @@ def _num(v: Any) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.4g}"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)

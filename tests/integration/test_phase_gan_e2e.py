@@ -48,7 +48,7 @@ def test_tune_exports_a_model_that_predicts_on_the_input_grid(
             "family": "phase_gan",
             "preset": "debug",
             "params": {
-                "lambda_l1": {"loguniform": [1.0, 50.0]},
+                "lambda_rec": {"loguniform": [1.0, 50.0]},
                 "grl_schedule": {"choice": ["linear", "dann"]},
             },
         }

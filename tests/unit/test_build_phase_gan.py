@@ -26,7 +26,10 @@ SMALL = PhantomConfig(shape=(48, 40, 24), spacing=(8.0, 8.0, 8.0))
 NATIVE_CFG = BuildConfig(patch_size=PATCH, spacing=(8.0, 8.0, 8.0), patches_per_subject=2)
 PHANTOM_CFG = BuildConfig(patch_size=PATCH, spacing=(6, 6, 6), patches_per_subject=2)
 TENSORS = ("source", "target", "truth")
-VALID_OPTION_KEYS = "source_phases, target_phases, pairs_per_patch, simulations, semi_paired"
+VALID_OPTION_KEYS = (
+    "source_phases, target_phases, pairs_per_patch, simulations, semi_paired, register, "
+    "psf_sigma_voxels"
+)
 
 
 @functools.cache
@@ -147,7 +150,15 @@ def test_phantom_manifest_content(phantom_build) -> None:
         assert set(rec.hu) == {"min", "max", "mean", "std"}
         assert rec.hu["min"] <= rec.hu["mean"] <= rec.hu["max"] and rec.hu["std"] > 0
         assert rec.hu["min"] <= -900 and rec.hu["max"] > 100  # air and bone
-        assert rec.extra == {"phases": sorted(PHASES)}
+        assert rec.extra["phases"] == sorted(PHASES)
+        if rec.split == "val":  # aligned validation rows: nothing to register
+            assert set(rec.extra) == {"phases"}
+            continue
+        # every training target is registered onto its source: error vs the simulated motion
+        reg, motion = rec.extra["registration_mm"], rec.extra["motion_mm"]
+        assert set(reg) == set(motion) and len(reg) == 12  # every ordered pair
+        assert all(reg[k] < min(2.5, motion[k] / 3) for k in reg), (reg, motion)
+        assert np.mean(list(reg.values())) < 1.5
     assert len({next(iter(r.checksums.values())) for r in manifest.inputs}) == 3
 
     on_disk = json.loads((out / MANIFEST).read_text())
@@ -372,8 +383,12 @@ def test_study_build_uses_phase_files(study_build) -> None:
     allowed = {"patient1": {0, 1, 3}, "patient2": {1, 2, 3}}
     for split in ("train", "val"):
         cols = _read(out, split)
-        # real studies have no aligned truth: it is the observed target
-        assert np.array_equal(cols["target"], cols["truth"])
+        # real studies have no aligned truth: it is the observed target (in training rows,
+        # registered onto the source: these phases were aligned, so nearly unchanged)
+        if split == "val":
+            assert np.array_equal(cols["target"], cols["truth"])
+        else:
+            assert np.abs(cols["target"] - cols["truth"]).mean() * 2000 < 10.0
         assert (cols["source_phase"] != cols["target_phase"]).all()
         for subject, src, tgt in zip(
             cols["subject"], cols["source_phase"], cols["target_phase"], strict=True

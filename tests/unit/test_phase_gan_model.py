@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from ctray.config import from_dict, replace
+from ctray.data.nifti import HUWindow
 from ctray.families.phase_gan import steps
 from ctray.families.phase_gan.config import PhaseGANConfig
 from ctray.families.phase_gan.model import unet_levels
-from ctray.nn.gan import discriminator_step
+from ctray.nn.gan import discriminator_step, last_logits
 from ctray.registry import DataInfo, StepContext, get_family
 from ctray.train.local import local_context
 
@@ -203,6 +205,7 @@ def test_discriminator_step_does_not_reach_the_generator() -> None:
         fake,
         lambda loss: ctx.optimize(loss, "d"),
         autocast=ctx.autocast,
+        label=batch["target_phase"].long(),
     )
     assert isinstance(loss, float) and loss > 0 and torch.isfinite(torch.tensor(loss))
     for part in GEN_PARTS:
@@ -240,29 +243,34 @@ def test_train_step_pretrain_updates_only_the_detector() -> None:
     }
 
 
-def test_train_step_gd_updates_generator_and_discriminator() -> None:
+def test_train_step_gd_updates_generator_discriminator_and_detector() -> None:
     cfg, models, logs, changed = _run_stage(1, "gd")
-    assert {"loss/g", "loss/l1", "loss/gan", "loss/d"} <= set(logs)
+    assert {"loss/g", "loss/rec", "loss/gan", "loss/d", "loss/ce", "loss/organ"} <= set(logs)
+    assert "grl_lambda" in logs
     # the generator loss is the weighted sum of its logged terms
-    total = cfg.lambda_l1 * logs["loss/l1"] + cfg.lambda_gan * logs["loss/gan"]
-    if "loss/identity" in logs:
-        total += cfg.lambda_identity * logs["loss/identity"]
-        assert logs["loss/identity"] == 0.0  # the output equals the input at init
+    total = (
+        cfg.lambda_rec * logs["loss/rec"]
+        + cfg.lambda_gan * logs["loss/gan"]
+        + cfg.lambda_identity * logs["loss/identity"]
+        + cfg.lambda_ce * logs["loss/ce"]
+        + cfg.lambda_organ * logs["loss/organ"]
+    )
+    assert logs["loss/identity"] == 0.0  # the output equals the input at init
     assert logs["loss/g"] == pytest.approx(total, rel=1e-5)
-    assert changed["generator"] and changed["discriminator"]
-    assert not changed["detector"]
+    # the detector learns in the same step (DANN); the encoder only once the zero-initialised
+    # output head and λ (0 at the start of the ramp) let gradients through
+    assert changed["generator"] and changed["discriminator"] and changed["detector"], changed
     # the generator is no longer the identity
     x = _x()
     with torch.no_grad():
         assert not torch.equal(steps.generate(models, x, torch.tensor([1, 2])), x)
 
 
-def test_train_step_grl_updates_encoder_and_detector_only() -> None:
-    cfg, _, logs, changed = _run_stage(2, "grl")
-    assert set(logs) == {"loss/ce", "detector_acc", "grl_lambda"}
-    assert logs["grl_lambda"] == steps.lambda_at(2, cfg) > 0
+def test_train_step_grl_epoch_updates_only_the_detector() -> None:
+    _, _, logs, changed = _run_stage(2, "grl")
+    assert set(logs) == {"loss/ce", "detector_acc"}
     assert changed == {
-        "encoder": True,
+        "encoder": False,
         "phase_code": False,
         "generator": False,
         "discriminator": False,
@@ -270,25 +278,113 @@ def test_train_step_grl_updates_encoder_and_detector_only() -> None:
     }
 
 
-def test_grl_step_reverses_the_encoder_gradient() -> None:
-    """The encoder moves to *increase* the detector's loss, the detector to decrease it."""
-    cfg, models, opts = _models(_cfg(grl_schedule="constant", grl_max=1.0, lr_g=1e-2))
-    ctx = _ctx(cfg, models, opts, epoch=2)
+def _phase_only_cfg(**overrides) -> PhaseGANConfig:
+    """Only the (reversed) phase term in the generator step."""
+    return _cfg(
+        grl_schedule="constant", lambda_rec=0.0, lambda_gan=0.0, lambda_identity=0.0, **overrides
+    )
+
+
+def test_grl_scales_the_reversed_encoder_gradient_by_lambda() -> None:
+    """In the generator step the encoder's gradient is -λ * lambda_ce * d(CE)/d(encoder)."""
+    grads = {}
+    for lam in (0.25, 1.0):
+        cfg, models, opts = _models(_phase_only_cfg(grl_max=lam, lambda_ce=2.0))
+        ctx = _ctx(cfg, models, opts, epoch=1)
+        ctx.optimize = lambda loss, *names: loss.backward()  # gradients only, no step
+        STAGE.train_step(ctx, _batch())
+        grads[lam] = torch.cat([p.grad.flatten() for p in models["encoder"].parameters()
+                                if p.grad is not None])  # fmt: skip
+    cfg, models, _ = _models(_phase_only_cfg())
+    batch = _batch()
+    grid, _ = models["encoder"](batch["source"].unsqueeze(1))
+    ce = steps.token_ce(models["detector"](steps.tokens_of(grid)), batch["source_phase"].long())
+    ce.backward()
+    plain = torch.cat(
+        [p.grad.flatten() for p in models["encoder"].parameters() if p.grad is not None]
+    )
+    for lam, grad in grads.items():
+        torch.testing.assert_close(grad, -lam * 2.0 * plain, rtol=1e-4, atol=1e-8)
+
+
+def test_gd_step_moves_the_encoder_against_the_detector() -> None:
+    """With only the phase term, the encoder moves to *increase* the detector's loss."""
+    cfg, models, opts = _models(_phase_only_cfg(grl_max=1.0, lr_g=1e-2))
+    ctx = _ctx(cfg, models, opts, epoch=1)
     batch = _batch()
     x = batch["source"].unsqueeze(1)
     phase = batch["source_phase"].long()
 
     def ce() -> float:
         with torch.no_grad():
-            _, z = models["encoder"](x)
-            return float(torch.nn.functional.cross_entropy(models["detector"](z), phase))
+            grid, _ = models["encoder"](x)
+            return float(steps.token_ce(models["detector"](steps.tokens_of(grid)), phase))
 
     start = ce()
     det_state = {k: v.clone() for k, v in models["detector"].state_dict().items()}
-    # Only the encoder's move: restore the detector after the step.
     STAGE.train_step(ctx, batch)
-    models["detector"].load_state_dict(det_state)
+    models["detector"].load_state_dict(det_state)  # only the encoder's move
     assert ce() > start
+
+
+def test_lr_schedule_is_cosine_after_pretraining() -> None:
+    cfg = _cfg(pretrain_epochs=1, lr_schedule="cosine")
+    factors = [steps.lr_factor(e, 5, cfg) for e in range(5)]
+    assert factors[0] == factors[1] == 1.0
+    assert factors == sorted(factors, reverse=True)
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 4)))
+    assert steps.lr_factor(4, 5, _cfg(lr_schedule="constant")) == 1.0
+    cfg, models, opts = _models(cfg)
+    ctx = _ctx(cfg, models, opts, epoch=4)
+    ctx.num_epochs = 5
+    STAGE.train_step(ctx, _batch())
+    assert opts["g"].param_groups[0]["lr"] == pytest.approx(cfg.lr_g * factors[-1])
+
+
+def test_change_weights_emphasise_voxels_that_change() -> None:
+    cfg = _cfg(rec_change_weight=3.0)
+    window = HUWindow(lo=-1000, hi=1000)
+    x = torch.full((1, 1, 8, 8, 8), 0.5)
+    target = x.clone()
+    target[..., 2:7, 2:7, 2:7] += 150 / 2000  # +150 HU in a block
+    w = steps.change_weights(x, target, cfg, window)
+    assert float(w[0, 0, 4, 4, 4]) == pytest.approx(4.0)  # inside: the full extra weight
+    assert float(w[0, 0, 0, 0, 0]) == pytest.approx(1.0)  # far away: none
+    assert float(steps.reconstruction_loss(target, target, cfg, window, w)) == 0.0
+
+
+def test_organ_mean_loss_sees_organ_offsets_not_noise() -> None:
+    from ctray.metrics import LABEL_CLASSES
+
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    labels[:, :, :4] = LABEL_CLASSES["aorta"]
+    labels[1, :, 4:] = LABEL_CLASSES["liver"]
+    labels[0, :, 4:, 0, 0] = LABEL_CLASSES["liver"]  # 4 voxels: too few to count
+    target = torch.full((2, 1, 8, 8, 8), 0.5)
+    noisy = target + 0.02 * torch.randn_like(target)
+    zero_mean_noise = noisy - noisy.mean(dim=(2, 3, 4), keepdim=True) + 0.5
+    offset = target.clone()
+    offset[labels == LABEL_CLASSES["aorta"]] += 0.1
+
+    # per-organ zero-mean noise costs (almost) nothing; an organ offset costs its square
+    assert float(steps.organ_mean_loss(zero_mean_noise, target, labels)) < 1e-4
+    # (sample, organ) pairs present: aorta x2, liver x1 (the 4-voxel liver does not count)
+    assert float(steps.organ_mean_loss(offset, target, labels)) == pytest.approx(0.01 * 2 / 3)
+    # organs absent everywhere: no loss, no NaN
+    assert float(steps.organ_mean_loss(offset, target, torch.zeros_like(labels))) == 0.0
+
+
+def test_conditional_discriminator_depends_on_the_phase() -> None:
+    _, models, _ = _models()
+    disc = models["discriminator"]
+    with torch.no_grad():
+        disc.embed.weight.normal_()
+        x = _x()
+        a = last_logits(disc(x, torch.tensor([0, 0])))
+        b = last_logits(disc(x, torch.tensor([1, 1])))
+    assert a.shape == b.shape and a.shape[:2] == (B, 1)
+    assert not torch.allclose(a, b)
 
 
 def test_eval_step_returns_per_sample_metrics(fresh) -> None:
@@ -315,6 +411,25 @@ def test_eval_step_returns_per_sample_metrics(fresh) -> None:
     # aorta present (>= 8 voxels) only in sample 0
     aorta = metrics["roi_aorta_hu"]
     assert torch.isfinite(aorta[0]) and torch.isnan(aorta[1])
+    # per target phase: every phase has every key, NaN for samples of other phases
+    # (targets are venous, delayed)
+    for phase in ("arterial", "venous", "delayed", "native"):
+        for key in ("mae_hu", "roi_aorta_hu", "balanced_mae_hu"):
+            assert f"{phase}/{key}" in metrics and f"{phase}/identity_{key}" in metrics
+    torch.testing.assert_close(metrics["venous/mae_hu"][0], metrics["mae_hu"][0])
+    assert torch.isnan(metrics["venous/mae_hu"][1])
+    torch.testing.assert_close(metrics["delayed/identity_mae_hu"][1], metrics["identity_mae_hu"][1])
+    assert torch.isnan(metrics["arterial/mae_hu"]).all()
+    # balanced: mean of the organ-wise MAE and the MAE in the rest of the body
+    for i in range(B):
+        body = batch["labels"][i] == 1
+        liver = batch["labels"][i] == 4
+        err = (x[i] - truth[i]).abs() * 2000
+        organs = [err[liver].mean()]
+        if i == 0:
+            organs.append(err[batch["labels"][i] == 2].mean())
+        want = 0.5 * (torch.stack(organs).mean() + err[body].mean())
+        torch.testing.assert_close(metrics["identity_balanced_mae_hu"][i], want)
 
 
 def test_preview_returns_3d_volumes(fresh) -> None:

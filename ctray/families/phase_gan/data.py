@@ -5,10 +5,14 @@
   simulated; a scan without labels is skipped with that reason, never guessed at);
 * real multi-phase studies: one folder per patient, one file per phase named by phase.
 
-Training rows carry the semi-paired observed volumes (misaligned, different noise and
-z-coverage); validation rows pair a noisy input aligned with the noise-free truth of the target
-phase, so validation measures translation (and denoising), not registration error. Real
-studies have no aligned truth: their `truth` is the observed target.
+Training rows carry the semi-paired observed volumes (different noise and z-coverage), with
+the target phase rigidly registered onto the source phase's grid (``register``, on by default):
+a voxel-wise loss against a target a few millimetres off rewards blurring or doing nothing.
+Only the observed volumes are used for that; the registration error against the simulated
+motion is recorded in the manifest (``extra.registration_mm``). Validation rows pair a noisy
+input aligned with the noise-free truth of the target phase, so validation measures
+translation (and denoising), not registration error. Real studies have no aligned truth: their
+`truth` is the observed target (registered onto the source in training rows).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from ctray.config import from_dict, to_dict
 from ctray.data.build import (
@@ -45,11 +50,12 @@ from ctray.data.nifti import (
 )
 from ctray.data.organs import organ_mask
 from ctray.data.phantom import make_phantom
-from ctray.data.phases import PHASES, SimulatorConfig, parse_phase, simulate_phases
+from ctray.data.phases import FILL_HU, PHASES, SimulatorConfig, parse_phase, simulate_phases
+from ctray.data.registration import displacement_mm, resample, rigid_register
 from ctray.data.shards import Manifest, sha256_file
 from ctray.metrics import LABEL_CLASSES
 
-PHANTOM_VERSION = "phantom-v1"
+PHANTOM_VERSION = "phantom-v2"  # v2: registered targets, PSF
 AIR_HU = -1000.0
 BODY_HU = -500.0
 
@@ -64,6 +70,10 @@ class PhaseGANDataOptions:
         simulations: independent phase simulations per native scan (different enhancement,
             motion and noise draws); with one real scan, use >= 2 to get a validation subject.
         semi_paired: simulate misalignment/noise/z-coverage (off: perfectly paired phases).
+        register: rigidly register each training target onto its source's grid.
+        psf_sigma_voxels: scanner point-spread function (Gaussian sd, voxels) of the simulated
+            enhancement (SimulatorConfig.psf_sigma_voxels) and of the phantom, which is drawn
+            as an ideal object with hard voxel edges (a real scan already has its PSF).
     """
 
     source_phases: tuple[str, ...] = PHASES
@@ -71,6 +81,8 @@ class PhaseGANDataOptions:
     pairs_per_patch: int = 3
     simulations: int = 1
     semi_paired: bool = True
+    register: bool = True
+    psf_sigma_voxels: float = 0.7
 
     def pairs(self) -> list[tuple[int, int]]:
         src = sorted({parse_phase(p) for p in self.source_phases})
@@ -101,12 +113,16 @@ class _Phases:
     z_ranges: dict[int, tuple[int, int]]
     labels: np.ndarray
     volume: Volume
+    # Simulated motion per phase (observed voxel -> truth voxel); None for real studies.
+    motions: dict[int, np.ndarray] | None = None
 
 
 def _simulated(
     native: Volume, ts_labels: np.ndarray, *, seed: int, opts: PhaseGANDataOptions
 ) -> _Phases:
-    sim_config = SimulatorConfig(semi_paired=opts.semi_paired)
+    sim_config = SimulatorConfig(
+        semi_paired=opts.semi_paired, psf_sigma_voxels=opts.psf_sigma_voxels
+    )
     sim = simulate_phases(native, ts_labels, seed=seed, config=sim_config)
     rng = np.random.default_rng([seed, 99])
     lo, hi = sim_config.noise_sd_range
@@ -121,6 +137,85 @@ def _simulated(
         z_ranges={p: s.z_range for p, s in sim.items()},
         labels=coarse_labels(ts_labels, native.array),
         volume=native,
+        motions={p: s.motion for p, s in sim.items()},
+    )
+
+
+def _coverage(shape: tuple[int, ...], z_range: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[:, :, z_range[0] : z_range[1]] = True
+    return mask
+
+
+def _covered_slices(
+    transform: np.ndarray,
+    shape: tuple[int, ...],
+    target_z: tuple[int, int],
+    source_z: tuple[int, int],
+) -> np.ndarray:
+    """Source slices whose every voxel maps inside the target's z-coverage (bool per slice).
+
+    The target z of a voxel is affine in (i, j), so its extremes over a slice are at corners;
+    in-plane, outside the field of view is air, not missing data.
+    """
+    nx, ny, nz = shape[:3]
+    corners = np.array([[i, j] for i in (0, nx - 1) for j in (0, ny - 1)], dtype=np.float64)
+    k = np.arange(nz, dtype=np.float64)
+    z = (corners @ transform[2, :2])[None, :] + (k * transform[2, 2] + transform[2, 3])[:, None]
+    # Cubic interpolation reads two slices either side of the sampled position.
+    inside = (z.min(1) >= target_z[0] + 1) & (z.max(1) <= target_z[1] - 2)
+    return inside & (k >= source_z[0]) & (k < source_z[1])
+
+
+@dataclass(kw_only=True, eq=False)
+class _Registered:
+    """Targets on their sources' grids, the slices where they are valid, the errors in mm."""
+
+    targets: dict[tuple[int, int], np.ndarray]
+    z_range: tuple[int, int]
+    error_mm: dict[str, float]
+    motion_mm: dict[str, float]
+
+
+def _register(
+    data: _Phases, pairs: list[tuple[int, int]], spacing: tuple[float, ...]
+) -> _Registered:
+    """Register every phase of the pairs onto one reference phase and compose per pair.
+
+    With ``A_p`` mapping reference voxels into phase ``p``, the target ``t`` seen on the grid of
+    the source ``s`` is sampled at ``A_t @ inv(A_s)``: one registration per phase, not per pair.
+    """
+    phases = sorted({p for pair in pairs for p in pair})
+    ref = min(s for s, _ in pairs)
+    shape = data.observed[ref].shape
+    cover = {p: _coverage(data.observed[p].shape, data.z_ranges[p]) for p in phases}
+    to_phase = {ref: np.eye(4)}
+    for p in phases:
+        if p != ref:
+            to_phase[p] = rigid_register(
+                data.observed[ref],
+                data.observed[p],
+                spacing,
+                fixed_mask=cover[ref],
+                moving_mask=cover[p],
+                seed=p,
+            )
+    targets, error, motion = {}, {}, {}
+    lo, hi = max(r[0] for r in data.z_ranges.values()), min(r[1] for r in data.z_ranges.values())
+    for s, t in pairs:
+        m = to_phase[t] @ np.linalg.inv(to_phase[s])
+        targets[(s, t)] = resample(data.observed[t], m, shape, order=3, cval=FILL_HU)
+        slices = np.flatnonzero(_covered_slices(m, shape, data.z_ranges[t], data.z_ranges[s]))
+        lo, hi = (max(lo, slices[0]), min(hi, slices[-1] + 1)) if len(slices) else (0, 0)
+        if data.motions is not None:
+            # Truth of the target at the source voxel u: motion_t^-1 @ motion_s @ u.
+            true = np.linalg.inv(data.motions[t]) @ data.motions[s]
+            body = data.observed[s] > BODY_HU
+            key = f"{PHASES[s]}->{PHASES[t]}"
+            error[key] = round(displacement_mm(m, true, body, spacing), 3)
+            motion[key] = round(displacement_mm(np.eye(4), true, body, spacing), 3)
+    return _Registered(
+        targets=targets, z_range=(int(lo), int(hi)), error_mm=error, motion_mm=motion
     )
 
 
@@ -149,13 +244,23 @@ def _rows(
     starts = [r[0] for r in data.z_ranges.values()]
     stops = [r[1] for r in data.z_ranges.values()]
     z_range = (max(starts), min(stops))
+    extra: dict[str, Any] = {}
+    registered: dict[tuple[int, int], np.ndarray] = {}
+    if split == "train" and opts.register:
+        reg = _register(data, pairs, tuple(data.volume.spacing))
+        registered = {pair: norm(a) for pair, a in reg.targets.items()}
+        if reg.z_range[1] - reg.z_range[0] >= patch[2]:
+            z_range = reg.z_range
+        if reg.error_mm:
+            extra["registration_mm"] = reg.error_mm
+            extra["motion_mm"] = reg.motion_mm
     rows: list[Row] = []
     for origin in sample_origins(
         labels > 0, patch, config.patches_per_subject, rng, z_range=z_range
     ):
         chosen = rng.choice(len(pairs), size=min(opts.pairs_per_patch, len(pairs)), replace=False)
         for src, tgt in (pairs[i] for i in chosen):
-            target = truth[tgt] if split == "val" else obs[tgt]
+            target = truth[tgt] if split == "val" else registered.get((src, tgt), obs[tgt])
             rows.append(
                 {
                     "source": crop(inputs[src], origin, patch),
@@ -172,7 +277,7 @@ def _rows(
         "shape": list(data.volume.shape),
         "spacing": [float(s) for s in data.volume.spacing],
         "hu": hu_stats(data.volume.array),
-        "extra": {"phases": sorted(PHASES[p] for p in data.truth)},
+        "extra": {"phases": sorted(PHASES[p] for p in data.truth), **extra},
     }
     return rows, stats
 
@@ -182,6 +287,9 @@ def _phantom_sources(
 ) -> list[SubjectSource]:
     def rows(k: int, subject: str, rng: np.random.Generator, split: str):
         raw, ts = make_phantom(seed=k)
+        if opts.psf_sigma_voxels > 0:  # image the ideal phantom through the scanner's PSF
+            blurred = ndimage.gaussian_filter(raw.array, opts.psf_sigma_voxels)
+            raw = Volume(array=blurred.astype(np.float32), affine=raw.affine)
         native = prepare(raw, config.spacing)
         ts_vol = Volume(array=ts.astype(np.float32), affine=raw.affine)
         ts_arr = prepare(ts_vol, config.spacing, mode="nearest").array.round().astype(np.uint8)

@@ -4,7 +4,8 @@ The seed decoded a whole volume from one 256-d vector, which cannot carry anatom
 generator is a 3D U-Net over the input (skip connections at every level) whose bottleneck also
 receives the ViT token grid, is modulated by the target-phase code (FiLM) at every decoder
 level, and predicts a residual on the input: at initialisation it is the identity, and it only
-has to learn the enhancement.
+has to learn the enhancement. Besides the input it sees the input through soft-tissue windows,
+where the few-tens-of-HU contrasts between organs are not lost in the wide CT window.
 """
 
 from __future__ import annotations
@@ -84,7 +85,15 @@ class _UpBlock(nn.Module):
 
 
 class PhaseGenerator(nn.Module):
-    """Residual 3D U-Net conditioned on the target phase and on the ViT token grid.
+    """3D U-Net that blends the input with a target-phase appearance where contrast changes.
+
+    ``y = x + m * d`` with ``d = w . [h, x] + b`` (so ``x + d`` can be an absolute value: the
+    weight on ``x`` can learn -1) and a gate ``m = sigmoid(g . h + b_g)`` that starts nearly
+    closed: where the phase changes nothing the output stays the input to the last HU, where it
+    changes the network can write the target organ's value whatever the source's. ``d`` starts
+    at zero, so the generator is the identity at initialisation.
+
+    Conditioning: FiLM by the target-phase code at the bottleneck and every decoder level.
 
     Args:
         levels: number of stride-2 downsamplings; equals log2(ViT patch) so the bottleneck
@@ -92,12 +101,27 @@ class PhaseGenerator(nn.Module):
         channels: width of the first level (doubled per level, capped at 8x).
         token_dim: ViT hidden size.
         cond_dim: phase code length.
+        windows: extra input channels ``clamp((x - lo) / (hi - lo), 0, 1)`` for each
+            ``(lo, hi)``, in the input's normalised units (soft-tissue windows).
+        gate_bias: initial gate logit (sigmoid(-3) ~ 0.05).
     """
 
-    def __init__(self, *, levels: int, channels: int, token_dim: int, cond_dim: int):
+    def __init__(
+        self,
+        *,
+        levels: int,
+        channels: int,
+        token_dim: int,
+        cond_dim: int,
+        windows: Sequence[tuple[float, float]] = (),
+        gate_bias: float = -3.0,
+    ):
         super().__init__()
         widths = [channels * min(2**i, 8) for i in range(levels + 1)]
-        self.stem = _conv_block(1, widths[0])
+        self.register_buffer(
+            "windows", torch.tensor(list(windows), dtype=torch.float32).reshape(-1, 2), False
+        )
+        self.stem = _conv_block(1 + len(windows), widths[0])
         self.down = nn.ModuleList(_conv_block(widths[i], widths[i + 1], 2) for i in range(levels))
         self.tokens = nn.Conv3d(token_dim, widths[-1], 1)
         self.bottleneck = _conv_block(2 * widths[-1], widths[-1])
@@ -105,23 +129,37 @@ class PhaseGenerator(nn.Module):
         self.up = nn.ModuleList(
             _UpBlock(widths[i + 1], widths[i], widths[i], cond_dim) for i in reversed(range(levels))
         )
-        self.head = nn.Conv3d(widths[0], 1, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.delta = nn.Conv3d(widths[0] + 1, 1, 1)
+        nn.init.zeros_(self.delta.weight)
+        nn.init.zeros_(self.delta.bias)
+        self.gate = nn.Conv3d(widths[0], 1, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.windows):
+            return x
+        lo = self.windows[:, 0].reshape(1, -1, *([1] * (x.ndim - 2)))
+        hi = self.windows[:, 1].reshape(1, -1, *([1] * (x.ndim - 2)))
+        return torch.cat((x, ((x - lo) / (hi - lo)).clamp(0, 1)), dim=1)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        skips = [self.stem(x)]
+        skips = [self.stem(self._inputs(x))]
         for down in self.down:
             skips.append(down(skips[-1]))
         h = self.bottleneck(torch.cat((skips.pop(), self.tokens(tokens)), dim=1))
         h = self.bottleneck_film(h, cond)
         for up in self.up:
             h = up(h, skips.pop(), cond)
-        return x + self.head(h)
+        gate = torch.sigmoid(self.gate(h))
+        return x + gate * self.delta(torch.cat((h, x), dim=1))
 
 
 class PhaseDetector(nn.Module):
-    """MLP on the pooled encoder code -> phase logits (no softmax: cross-entropy takes logits)."""
+    """MLP on encoder features -> phase logits (no softmax: cross-entropy takes logits).
+
+    Works on any leading shape: a pooled code (B, C) or every token (B, N, C).
+    """
 
     def __init__(self, in_dim: int, num_phases: int = 4, hidden: int = 128):
         super().__init__()
