@@ -33,8 +33,11 @@ def check_compatible(meta: dict[str, Any], spec: FamilySpec, manifest: Manifest,
     """Raise ValueError naming every setting where the shards differ from the model's data."""
     model = DataInfo.from_dict(meta["data"])
     theirs = DataInfo.from_manifest(manifest)
-    if manifest.family != spec.name:
-        raise ValueError(f"{shards} holds {manifest.family!r} shards, the model is {spec.name!r}")
+    if manifest.family != spec.shards_family:
+        raise ValueError(
+            f"{shards} holds {manifest.family!r} shards, the {spec.name!r} model reads "
+            f"{spec.shards_family!r} shards"
+        )
     diffs = [
         f"{name}: model {a}, shards {b}"
         for name, a, b in (

@@ -55,6 +55,8 @@ class ExperimentDefaults:
     family_options: tuple[tuple[str, Any], ...] = ()
     # Per-stage epochs of a staged family, e.g. (("autoencoder", 6), ("diffusion", 10)).
     stage_epochs: tuple[tuple[str, int], ...] = ()
+    # Per-stage trial counts, e.g. (("tokenizer", 4), ("maskgit", 2)).
+    stage_samples: tuple[tuple[str, int], ...] = ()
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, family: str | None) -> None:
@@ -216,8 +218,9 @@ def prepare_data(args: argparse.Namespace, family: str, defaults: ExperimentDefa
     key = hashlib.sha256(
         json.dumps([source, repr(config), options], sort_keys=True).encode()
     ).hexdigest()[:10]
-    out = Path(args.shards_dir) / f"{family}-{key}"
-    print(f"building {family} shards from {source} into {out}", flush=True)
+    # Named by the family whose builder it is: families sharing a builder share the shards.
+    out = Path(args.shards_dir) / f"{spec.shards_family}-{key}"
+    print(f"building {spec.shards_family} shards from {source} into {out}", flush=True)
     manifest = spec.build_shards(
         out=out, inputs=args.data, phantom=phantom, config=config, options=options
     )
@@ -300,6 +303,7 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
     path = None
     for stage in stages:
         epochs = args.epochs or dict(defaults.stage_epochs).get(stage, settings.epochs)
+        samples = args.num_samples or dict(defaults.stage_samples).get(stage, settings.num_samples)
         path = _tune_stage(
             args,
             spec=spec,
@@ -307,7 +311,7 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
             stage=stage,
             name=name,
             data_dir=data_dir,
-            settings=dataclasses.replace(settings, epochs=epochs),
+            settings=dataclasses.replace(settings, epochs=epochs, num_samples=samples),
             resources=resources,
             init_from=init_from,
         )
@@ -343,7 +347,7 @@ def _tune_stage(
     servable model) to ``EXPORT/<name>``. With --resume, an earlier stage already exported is
     reused, not re-run.
     """
-    from ctray.tune.export import export_best, report_files
+    from ctray.tune.export import PARETO_FILE, export_best, format_pareto, report_files
     from ctray.tune.runner import format_table, run_tune, summary_rows
 
     final = stage == spec.final.name
@@ -376,6 +380,9 @@ def _tune_stage(
     print("\ntrials (best first):")
     print(format_table(summary_rows(grid, spec.name, stage)))
     path, metrics = export_best(grid, spec.name, out, experiment=run_name, stage=stage)
+    if (path / PARETO_FILE).is_file():
+        front = format_pareto(json.loads((path / PARETO_FILE).read_text()))
+        print(f"\nPareto front (last validation of each trial; {path / PARETO_FILE}):\n{front}")
     best_cfg = json.loads((path / "model.json").read_text())["source"]["config"]
     print(f"\nbest configuration: {json.dumps(best_cfg, sort_keys=True)}")
     files = report_files(metrics, spec.baselines)

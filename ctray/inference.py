@@ -91,12 +91,9 @@ def predict_volumes(
     outputs: list[Volume | None] = [None] * len(volumes)
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, res, _) in enumerate(prepared):
-        key = (
-            res.shape,
-            tuple(
-                sorted((k, int(v) if np.ndim(v) == 0 else str(v)) for k, v in conditions[i].items())
-            ),
-        )
+        # str(v): one parser per key gives one type, and floats (a temperature) or None (a
+        # model-default setting) keep their identity.
+        key = (res.shape, tuple(sorted((k, str(v)) for k, v in conditions[i].items())))
         groups.setdefault(key, []).append(i)
     for indices in groups.values():
         x = torch.from_numpy(np.stack([prepared[i][3] for i in indices]))[:, None].to(device)

@@ -6,11 +6,12 @@ resumed run lands on the right rate with no scheduler state to checkpoint.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["constant_then_linear", "set_lr"]
+__all__ = ["constant_then_linear", "cosine_factor", "set_lr"]
 
 
 def constant_then_linear(epoch: int, num_epochs: int, decay_epochs: int) -> float:
@@ -24,6 +25,14 @@ def constant_then_linear(epoch: int, num_epochs: int, decay_epochs: int) -> floa
         raise ValueError(f"decay_epochs must be in [0, {num_epochs}], got {decay_epochs}")
     constant = num_epochs - decay_epochs
     return 1.0 - max(0, epoch + 1 - constant) / (decay_epochs + 1)
+
+
+def cosine_factor(epoch: int, num_epochs: int, floor: float) -> float:
+    """Cosine decay per epoch: 1 at epoch 0, ``floor`` at the last epoch (1 for a 1-epoch run)."""
+    if num_epochs <= 1:
+        return 1.0
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(epoch, num_epochs - 1) / (num_epochs - 1)))
+    return floor + (1.0 - floor) * cosine
 
 
 def set_lr(optimizers: Iterable[torch.optim.Optimizer], lr: float) -> None:

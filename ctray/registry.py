@@ -185,6 +185,12 @@ class Stage:
             place a family may read files (e.g. a pretrained encoder); never on export load.
         loop_defaults: LoopConfig values this stage needs unless the user overrides them
             (e.g. ``{"grad_clip": 1.0, "val_every": 2}``).
+        objectives: further (metric, mode) pairs searched beside ``metric``/``mode``: the search
+            becomes multi-objective (Optuna over all of them; early stopping still judges
+            ``metric`` alone) and its result is a Pareto front, not one best trial.
+        select: picks the exported point of that front: given the front's points as
+            ``{metric: value}`` dicts (``metric`` and every objective), returns the index of
+            one. None: the front's best ``metric``.
     """
 
     name: str
@@ -200,10 +206,20 @@ class Stage:
     warmup_epochs: Callable[[Any], int] = _no_warmup
     init: Callable[[Any, Models], None] | None = None
     loop_defaults: Mapping[str, Any] = field(default_factory=dict)
+    objectives: tuple[tuple[str, str], ...] = ()
+    select: Callable[[list[dict[str, float]]], int] | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"stage {self.name!r}: mode must be 'min' or 'max', got {self.mode!r}")
+        for metric, mode in ((self.metric, self.mode), *self.objectives):
+            if mode not in ("min", "max"):
+                raise ValueError(
+                    f"stage {self.name!r}: mode of {metric!r} must be 'min' or 'max', got {mode!r}"
+                )
+        names = [self.metric, *(m for m, _ in self.objectives)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage {self.name!r}: an objective is listed twice: {names}")
+        if self.select is not None and not self.objectives:
+            raise ValueError(f"stage {self.name!r}: select needs objectives (a Pareto front)")
         stray = sorted(set(self.ema) - set(self.trains))
         if stray:
             raise ValueError(f"stage {self.name!r}: EMA of untrained module(s) {stray}")
@@ -225,6 +241,9 @@ class FamilySpec:
             (``identity``, ``cubic`` ...): the run summary prints the model beside each.
         views: set by families whose input is 2D views instead of a volume (X-ray to CT);
             ``predict`` then maps (B, V, H, W) views to (B, 1, *output grid) volumes.
+        data_family: the family whose shards this one reads, when it shares another family's
+            data builder (``build_shards``) instead of having its own; such shards record
+            that family in their manifest, and both families train on them. None: its own.
     """
 
     name: str
@@ -239,6 +258,7 @@ class FamilySpec:
     views: ViewInputs | None = None
     conditioning: Mapping[str, Condition] = field(default_factory=dict)
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    data_family: str | None = None
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -246,6 +266,11 @@ class FamilySpec:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"family {self.name!r}: duplicate stage names {names}")
+
+    @property
+    def shards_family(self) -> str:
+        """The family name the manifests of this family's shards carry."""
+        return self.data_family or self.name
 
     @property
     def final(self) -> Stage:
@@ -314,6 +339,7 @@ class FamilySpec:
 
 # The explicit list of families: name -> "module:attribute" of its FamilySpec.
 FAMILIES: dict[str, str] = {
+    "maskgit_fsq": "ctray.families.maskgit_fsq.spec:SPEC",
     "phase_gan": "ctray.families.phase_gan.spec:SPEC",
     "pix2pix": "ctray.families.pix2pix.spec:SPEC",
     "slice_ldm": "ctray.families.slice_ldm.spec:SPEC",

@@ -98,12 +98,16 @@ def ema_decay_at(decay: float, updates: int) -> float:
 
 
 def make_ema(module: nn.Module, decay: float) -> AveragedModel:
-    """An EMA copy of ``module`` with a warmed-up decay (buffers averaged too, so norm
-    statistics follow); the first update copies the module."""
+    """An EMA copy of ``module`` with a warmed-up decay (floating-point buffers averaged too,
+    so norm statistics follow); the first update copies the module. Integer buffers (counters,
+    index tables) are copied, not averaged: an average cast back to an integer truncates
+    (0.995 * 200 + 0.005 * 200 came back as 199)."""
     if not 0.0 < decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
 
     def average(averaged: torch.Tensor, current: torch.Tensor, count: torch.Tensor):
+        if not averaged.is_floating_point():
+            return current
         d = ema_decay_at(decay, int(count))
         return averaged * d + current * (1.0 - d)
 

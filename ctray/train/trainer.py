@@ -77,10 +77,11 @@ def datasets(
     ``materialize`` reads the shards once into the object store, so later epochs skip the
     Parquet read tasks (worth it whenever the shards fit in memory).
     """
-    if manifest.family != spec.name:
+    if manifest.family != spec.shards_family:
         raise ValueError(
-            f"{data_dir} holds {manifest.family!r} shards, not {spec.name!r}; "
-            f"build them with `ctray data build --family {spec.name}`"
+            f"{data_dir} holds {manifest.family!r} shards, {spec.name} reads "
+            f"{spec.shards_family!r} shards; build them with "
+            f"`ctray data build --family {spec.name}`"
         )
     out = {}
     for split in ("train", "val"):

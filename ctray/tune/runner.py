@@ -207,26 +207,39 @@ def run_tune(
         )
         return tuner.fit()
     metric = f"val/{trained.metric}"
-    searcher = ConcurrencyLimiter(
-        OptunaSearch(metric=metric, mode=trained.mode, seed=settings.seed),
-        max_concurrent=settings.max_concurrent,
-    )
+    points = {"points_to_evaluate": space.points} if space.points else {}
     base_cfg = from_dict(spec.config_cls, base, where="search space base")
-    scheduler = ASHAScheduler(
-        time_attr="epochs_done",
-        max_t=settings.epochs,
-        grace_period=grace_epochs(trained, base_cfg, settings),
-        reduction_factor=settings.reduction_factor,
-    )
+    scheduler_args: dict[str, Any] = {
+        "time_attr": "epochs_done",
+        "max_t": settings.epochs,
+        "grace_period": grace_epochs(trained, base_cfg, settings),
+        "reduction_factor": settings.reduction_factor,
+    }
+    if trained.objectives:
+        # Multi-objective: Optuna gets every objective (its TPE sampler handles several);
+        # metric/mode then go to the scheduler itself, not to TuneConfig (Ray refuses both a
+        # searcher and TuneConfig setting them), and ASHA stops trials on the primary one.
+        objectives = [(metric, trained.mode)] + [(f"val/{m}", md) for m, md in trained.objectives]
+        searcher = OptunaSearch(
+            metric=[m for m, _ in objectives],
+            mode=[md for _, md in objectives],
+            seed=settings.seed,
+            **points,
+        )
+        scheduler = ASHAScheduler(metric=metric, mode=trained.mode, **scheduler_args)
+        target: dict[str, Any] = {}
+    else:
+        searcher = OptunaSearch(metric=metric, mode=trained.mode, seed=settings.seed, **points)
+        scheduler = ASHAScheduler(**scheduler_args)
+        target = {"metric": metric, "mode": trained.mode}
     tuner = tune.Tuner(
         trainable,
         param_space=space.tune_space(),
         tune_config=tune.TuneConfig(
-            metric=metric,
-            mode=trained.mode,
-            search_alg=searcher,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=settings.max_concurrent),
             scheduler=scheduler,
             num_samples=settings.num_samples,
+            **target,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
     )
@@ -263,6 +276,7 @@ def summary_rows(grid: ResultGrid, family: str, stage: str | None = None) -> lis
     trained = spec.stage(stage) if stage else spec.final
     metric = f"val/{trained.metric}"
     baselines = [f"val/{b}_{trained.metric}" for b in spec.baselines]
+    objectives = [f"val/{m}" for m, _ in trained.objectives]
     rows = []
     for result in grid:
         m = result.metrics or {}
@@ -272,6 +286,7 @@ def summary_rows(grid: ResultGrid, family: str, stage: str | None = None) -> lis
                 "status": "error" if result.error else "ok",
                 "epochs": m.get("epochs_done", 0),
                 metric: m.get(metric, math.nan),
+                **{o: m.get(o, math.nan) for o in objectives},
                 **{b: m.get(b, math.nan) for b in baselines if b in m},
                 **{k: v for k, v in (result.config or {}).items()},
             }

@@ -22,6 +22,19 @@ A family that trains in stages gives each stage its own parameters instead of ``
 
 Every key must be a field of the family's config dataclass, every value must type-check
 against it; the error lists what is valid.
+
+``points_to_evaluate`` (top level, or per stage beside its ``params``) lists configurations
+Optuna tries first, each giving a value for every parameter searched (e.g. both ends of a
+trade-off, so a multi-objective search's front spans it)::
+
+    stages:
+      tokenizer:
+        params:
+          fsq_levels: {choice: ["8,6,5", "8,5,5,5", "8,8,8,6,5"]}
+          lr_tokenizer: {loguniform: [5.0e-4, 3.0e-3]}
+        points_to_evaluate:
+          - {fsq_levels: "8,6,5", lr_tokenizer: 1.0e-3}
+          - {fsq_levels: "8,8,8,6,5", lr_tokenizer: 1.0e-3}
 """
 
 from __future__ import annotations
@@ -49,6 +62,8 @@ class SearchSpace:
     base: dict[str, Any]
     params: dict[str, tuple[str, list[Any]]] = field(default_factory=dict)
     stage_params: dict[str, dict[str, tuple[str, list[Any]]]] = field(default_factory=dict)
+    points: list[dict[str, Any]] = field(default_factory=list)
+    stage_points: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     source: str = "<dict>"
 
     @property
@@ -59,7 +74,13 @@ class SearchSpace:
         """The space of one stage: shared ``params`` plus that stage's own."""
         self.spec.stage(stage)
         own = self.stage_params.get(stage, {})
-        return dataclasses.replace(self, params={**self.params, **own}, stage_params={})
+        return dataclasses.replace(
+            self,
+            params={**self.params, **own},
+            stage_params={},
+            points=self.stage_points.get(stage, self.points),
+            stage_points={},
+        )
 
     def tune_space(self) -> dict[str, Any]:
         """Ray Tune sampling objects (OptunaSearch converts them to Optuna distributions)."""
@@ -115,9 +136,44 @@ def _check_param(
     return kind, list(args)
 
 
+def _check_points(
+    spec: FamilySpec,
+    raw: Any,
+    params: dict[str, tuple[str, list[Any]]],
+    base: dict[str, Any],
+    where: str,
+) -> list[dict[str, Any]]:
+    """Points to evaluate first: each sets every searched parameter to a value it can take."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise ConfigError(f"{where}: expected a list of {{parameter: value}} mappings")
+    points = []
+    for k, point in enumerate(raw):
+        here = f"{where}[{k}]"
+        if set(point) != set(params):
+            raise ConfigError(
+                f"{here}: give exactly the searched parameters {sorted(params)}, "
+                f"got {sorted(point)}"
+            )
+        for key, value in point.items():
+            kind, args = params[key]
+            if kind == "choice":
+                inside = value in args
+            elif kind == "randint":
+                inside = isinstance(value, int) and args[0] <= value < args[1]
+            else:
+                inside = isinstance(value, int | float) and args[0] <= value <= args[1]
+            if not inside:
+                raise ConfigError(f"{here}: {key}={value!r} is outside its {kind} {args}")
+        from_dict(spec.config_cls, {**base, **point}, where=here)
+        points.append(dict(point))
+    return points
+
+
 def parse_search_space(data: dict[str, Any], *, source: str = "<dict>") -> SearchSpace:
     """Validate a search-space mapping; errors name the file, the key and the valid choices."""
-    check = {"family", "preset", "base", "params", "stages"}
+    check = {"family", "preset", "base", "params", "stages", "points_to_evaluate"}
     unknown = sorted(set(data) - check)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: {sorted(check)}")
@@ -131,20 +187,43 @@ def parse_search_space(data: dict[str, Any], *, source: str = "<dict>") -> Searc
     params_raw = data.get("params") or {}
     check_keys(spec.config_cls, params_raw, where=f"{source}: params")
     params = {k: _check_param(spec, k, v, base, f"{source}: params") for k, v in params_raw.items()}
+    stages = data.get("stages") or {}
+    if stages and data.get("points_to_evaluate") is not None:
+        raise ConfigError(f"{source}: with stages, give points_to_evaluate per stage")
+    where = f"{source}: points_to_evaluate"
+    points = _check_points(spec, data.get("points_to_evaluate"), params, base, where)
     stage_params: dict[str, dict[str, tuple[str, list[Any]]]] = {}
-    for stage, body in (data.get("stages") or {}).items():
+    stage_points: dict[str, list[dict[str, Any]]] = {}
+    for stage, body in stages.items():
         try:
             spec.stage(stage)
         except KeyError as err:
             raise ConfigError(f"{source}: stages: {err.args[0]}") from None
-        if not isinstance(body, dict) or set(body) - {"params"}:
-            raise ConfigError(f"{source}: stages: {stage}: expected a mapping with 'params'")
+        if not isinstance(body, dict) or set(body) - {"params", "points_to_evaluate"}:
+            raise ConfigError(
+                f"{source}: stages: {stage}: expected a mapping with 'params' "
+                "(and optionally 'points_to_evaluate')"
+            )
         where = f"{source}: stages: {stage}: params"
         raw = body.get("params") or {}
         check_keys(spec.config_cls, raw, where=where)
         stage_params[stage] = {k: _check_param(spec, k, v, base, where) for k, v in raw.items()}
+        if body.get("points_to_evaluate") is not None:
+            stage_points[stage] = _check_points(
+                spec,
+                body["points_to_evaluate"],
+                {**params, **stage_params[stage]},
+                base,
+                f"{source}: stages: {stage}: points_to_evaluate",
+            )
     return SearchSpace(
-        family=spec.name, base=base, params=params, stage_params=stage_params, source=source
+        family=spec.name,
+        base=base,
+        params=params,
+        stage_params=stage_params,
+        points=points,
+        stage_points=stage_points,
+        source=source,
     )
 
 

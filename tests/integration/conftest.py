@@ -89,3 +89,10 @@ def slice_ldm_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory
     """`experiments/tune_slice_ldm.py --smoke-test` (both stages), once; its export folder
     holds `smoke-autoencoder` (stage 1) and `smoke` (the servable stage-2 model)."""
     return _smoke_export("tune_slice_ldm", tmp_path_factory.mktemp("ldm_smoke"))
+
+
+@pytest.fixture(scope="session")
+def maskgit_smoke_export(ray_session, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`experiments/tune_maskgit_fsq.py --smoke-test` (both stages), once; its export folder
+    holds `smoke-tokenizer` (stage 1, with pareto.json) and `smoke` (the servable model)."""
+    return _smoke_export("tune_maskgit_fsq", tmp_path_factory.mktemp("maskgit_smoke"))

@@ -231,6 +231,20 @@ def test_ema_update_and_checkpoint_round_trip() -> None:
         make_ema(module, 1.0)
 
 
+def test_ema_copies_integer_buffers_instead_of_averaging_them() -> None:
+    """An averaged integer is truncated back to an integer: an FSQ basis 200 became 199 in the
+    EMA copy (so its codes were garbage) and BatchNorm's batch counter drifted."""
+    module = nn.BatchNorm1d(2)
+    module.register_buffer("table", torch.tensor([1, 8, 40, 200]))
+    ema = make_ema(module, 0.995)
+    for _ in range(20):
+        module(torch.randn(4, 2))
+        ema.update_parameters(module)
+    assert torch.equal(ema.module.table, module.table)
+    assert int(ema.module.num_batches_tracked) == int(module.num_batches_tracked) == 20
+    assert not torch.equal(ema.module.running_mean, module.running_mean)  # floats: averaged
+
+
 def test_loop_config_validation_schedule() -> None:
     loop = from_dict(LoopConfig, {"family": "toy", "epochs": 5, "val_every": 2})
     assert [e for e in range(5) if loop.validates(e)] == [1, 3, 4]

@@ -7,9 +7,10 @@ run inherits every stage-1 field from the export it starts from.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
+
+from ctray.optim import cosine_factor
 
 Schedule = Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"]
 Prediction = Literal["epsilon", "v_prediction", "sample"]
@@ -122,10 +123,9 @@ class SliceLDMConfig:
 
     def lr_factor(self, epoch: int, num_epochs: int) -> float:
         """Multiplier of every base learning rate in ``epoch`` (0-based) of ``num_epochs``."""
-        if self.lr_schedule == "constant" or num_epochs <= 1:
+        if self.lr_schedule == "constant":
             return 1.0
-        cosine = 0.5 * (1.0 + math.cos(math.pi * epoch / (num_epochs - 1)))
-        return self.lr_floor + (1.0 - self.lr_floor) * cosine
+        return cosine_factor(epoch, num_epochs, self.lr_floor)
 
     @property
     def ae_downsample(self) -> int:

@@ -1,0 +1,1 @@
+"""maskgit_fsq: FSQ tokenizer + MaskGIT transformer for CT contrast-phase translation (seed 004)."""
