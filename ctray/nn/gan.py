@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "GANMode",
     "ProjectionPatchDiscriminator",
+    "adversarial_step",
     "discriminator_step",
     "gan_loss",
     "last_logits",
@@ -120,3 +121,23 @@ def discriminator_step(
         loss = 0.5 * (gan_loss(real_logits, True, mode) + gan_loss(fake_logits, False, mode))
     optimize(loss)
     return float(loss.detach())
+
+
+def adversarial_step(
+    disc: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    optimize: Callable[[torch.Tensor], Any],
+    *,
+    mode: GANMode = "vanilla",
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """An unconditional GAN term for an autoencoder: one D update, then G's adversarial loss.
+
+    Returns ``(loss_adv, loss_d)``: ``loss_adv`` (with its graph, for the caller to weigh into
+    the generator's loss) is judged by the just-updated discriminator.
+    """
+    loss_d = discriminator_step(disc, real, fake, optimize, mode=mode, autocast=autocast)
+    with autocast() if autocast is not None else nullcontext():
+        loss_adv = gan_loss(last_logits(disc(fake)), True, mode)
+    return loss_adv, loss_d

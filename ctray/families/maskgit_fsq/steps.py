@@ -30,7 +30,7 @@ from monai.losses import SSIMLoss
 from ctray.data.nifti import HUWindow
 from ctray.data.phases import PHASES
 from ctray.metrics import image_metrics, mae_hu, psnr, split_by_group, ssim
-from ctray.nn.gan import discriminator_step, gan_loss, last_logits
+from ctray.nn.gan import adversarial_step
 from ctray.optim import set_lr
 from ctray.registry import Batch, DataInfo, Models, Optimizers, StepContext
 
@@ -130,7 +130,7 @@ def tokenizer_train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     loss = loss_l1 + cfg.ssim_weight * loss_ssim
     out = {"loss/l1": float(loss_l1.detach()), "loss/ssim": float(loss_ssim.detach())}
     if cfg.adv_weight > 0 and ctx.epoch >= cfg.adv_warmup_epochs:
-        out["loss/d"] = discriminator_step(
+        loss_adv, out["loss/d"] = adversarial_step(
             disc,
             x,
             recon,
@@ -138,8 +138,6 @@ def tokenizer_train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
             mode=GAN_MODE,
             autocast=ctx.autocast,
         )
-        with ctx.autocast():
-            loss_adv = gan_loss(last_logits(disc(recon)), True, GAN_MODE)
         loss = loss + cfg.adv_weight * loss_adv
         out["loss/adv"] = float(loss_adv.detach())
     ctx.optimize(loss, "tokenizer")

@@ -24,7 +24,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from ctray.data.nifti import HUWindow
 from ctray.data.thick_slices import cubic_z, linear_z
 from ctray.metrics import mae_hu, psnr, ssim
-from ctray.nn.gan import discriminator_step, gan_loss, last_logits
+from ctray.nn.gan import adversarial_step
 from ctray.optim import set_lr
 from ctray.registry import Batch, DataInfo, Models, Optimizers, StepContext
 
@@ -92,7 +92,7 @@ def ae_train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
     loss = loss_l1 + cfg.kl_weight * loss_kl
     out = {"loss/l1": float(loss_l1.detach()), "loss/kl": float(loss_kl.detach())}
     if adversarial_active(cfg, ctx.epoch, ctx.step):
-        out["loss/d"] = discriminator_step(
+        loss_adv, out["loss/d"] = adversarial_step(
             disc,
             thin,
             recon,
@@ -100,8 +100,6 @@ def ae_train_step(ctx: StepContext, batch: Batch) -> dict[str, float]:
             mode=GAN_MODE,
             autocast=ctx.autocast,
         )
-        with ctx.autocast():
-            loss_adv = gan_loss(last_logits(disc(recon)), True, GAN_MODE)
         loss = loss + cfg.adv_weight * loss_adv
         out["loss/adv"] = float(loss_adv.detach())
     ctx.optimize(loss, "ae")
