@@ -48,6 +48,9 @@ class MaskGITFSQConfig:
             sqrt(1 - r) (the seed's last two); all 1 at r = 0 and 0 at r = 1.
         source_prior: initial weight of the learned logit prior towards the source's code and
             its neighbours on the FSQ grid (0: none; see ``MaskGITTransformer``).
+        source_copy: initial learned logit bonus of the source's own code (0: none), so the
+            untrained transformer keeps every token (the identity) and training teaches it
+            where the phase changes the source.
         cond_drop: probability of training a sample without its target phase (the null phase),
             which classifier-free guidance needs.
         label_smoothing: of the masked-token cross-entropy.
@@ -87,6 +90,7 @@ class MaskGITFSQConfig:
     dropout: float = 0.1
     schedule: MaskSchedule = "cosine"
     source_prior: float = 8.0
+    source_copy: float = 2.0
     cond_drop: float = 0.1
     label_smoothing: float = 0.1
     lr_transformer: float = 3e-4
@@ -107,8 +111,11 @@ class MaskGITFSQConfig:
                 f"hidden={self.hidden} must be a multiple of 6 (3D sin-cos position code) and "
                 f"of heads={self.heads}"
             )
-        if self.source_prior < 0:
-            raise ValueError(f"source_prior must be >= 0, got {self.source_prior}")
+        if self.source_prior < 0 or self.source_copy < 0:
+            raise ValueError(
+                f"source_prior and source_copy must be >= 0, got {self.source_prior} and "
+                f"{self.source_copy}"
+            )
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.sample_steps < 1:

@@ -190,6 +190,12 @@ class MaskGITTransformer(nn.Module):
             moves them to nearby codes on the FSQ grid, so decoding starts from "keep the
             source" and learns where the phase changes it (a copy mechanism in the spirit of
             pointer-generator networks).
+        source_copy: initial value of a learned bonus on the logit of the source's own code
+            (0: none). The distance prior alone barely separates the source's code from its
+            neighbours (adjacent levels are ~0.08 apart squared), so an untrained model would
+            pick among them at random; with the bonus it starts as the identity (every token
+            kept) and learns where the target phase changes the source, and out of its training
+            distribution it keeps the source rather than guessing.
     """
 
     def __init__(
@@ -203,6 +209,7 @@ class MaskGITTransformer(nn.Module):
         mlp_ratio: int,
         dropout: float,
         source_prior: float,
+        source_copy: float = 0.0,
     ):
         super().__init__()
         self.fsq = FSQ(levels)
@@ -232,6 +239,8 @@ class MaskGITTransformer(nn.Module):
         # Registered only when used: DDP refuses parameters that never get a gradient.
         prior = nn.Parameter(torch.tensor(math.log(source_prior))) if source_prior > 0 else None
         self.register_parameter("log_prior", prior)
+        copy = nn.Parameter(torch.tensor(float(source_copy))) if source_copy > 0 else None
+        self.register_parameter("copy_bonus", copy)
 
     @property
     def mask_id(self) -> int:
@@ -262,6 +271,9 @@ class MaskGITTransformer(nn.Module):
         logits = self.head(self.norm(h))
         if self.log_prior is not None:
             logits = logits - self.log_prior.exp() * self.code_distance(source).to(logits.dtype)
+        if self.copy_bonus is not None:
+            bonus = self.copy_bonus.to(logits.dtype).expand(*source.shape, 1)
+            logits = logits.scatter_add(-1, source[..., None], bonus)
         return logits
 
     def code_distance(self, source: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ def build_models(cfg: MaskGITFSQConfig, data: DataInfo) -> Models:
             mlp_ratio=cfg.mlp_ratio,
             dropout=cfg.dropout,
             source_prior=cfg.source_prior,
+            source_copy=cfg.source_copy,
         ),
     }
 
