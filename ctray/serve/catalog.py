@@ -7,6 +7,7 @@ so listing a folder is instant and a broken directory is reported before anythin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ def discover(root: str | Path, *, servable_only: bool = True) -> dict[str, Path]
             f"{root}: only intermediate-stage exports; train the family's last stage to serve"
         )
     return found
+
+
+def model_bytes(paths: Iterable[Path]) -> int:
+    """Bytes of the files in these model directories: what loading them holds in memory
+    (float32 safetensors load at about their size on disk)."""
+    return sum(f.stat().st_size for p in paths for f in Path(p).iterdir() if f.is_file())
 
 
 def _collect(paths: list[Path], servable_only: bool) -> dict[str, Path]:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
 
 from ctray.config import ConfigError
-from ctray.serve.config import TOKEN_ENV
+from ctray.serve.config import TOKEN_ENV, ServeConfig, token_from
 
 URL_ENV = "CTRAY_SERVE_URL"
+
+
+def _default(name: str) -> Any:
+    """ServeConfig's default for a field, so a flag's default is written once."""
+    return next(f.default for f in dataclasses.fields(ServeConfig) if f.name == name)
 
 
 def add_commands(sub: Any) -> None:
@@ -20,6 +26,11 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--token", help=f"bearer token for every route but /healthz (or ${TOKEN_ENV})")
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without a token (refused otherwise)",
+    )
     s.add_argument("--max-body-mb", type=float, default=256.0, help="largest upload (MiB)")
     s.add_argument("--max-voxels", type=int, help="largest volume a header may claim")
     s.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling minimum)")
@@ -29,13 +40,29 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--max-batch-size", type=int, default=4)
     s.add_argument("--batch-wait-ms", type=float, default=20.0)
     s.add_argument("--no-batching", action="store_true", help="one request per forward pass")
-    s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
+    s.add_argument(
+        "--max-queue",
+        type=int,
+        default=_default("max_queue"),
+        help="predict requests a replica admits at once; more get 503 + Retry-After",
+    )
+    s.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=_default("memory_budget_mb"),
+        help="working memory a replica admits for requests (MiB; reserved from Ray, plus base)",
+    )
     s.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
     s.add_argument("--address", help="join a running Ray cluster instead of starting one")
     s.set_defaults(func=_serve)
 
-    p = sub.add_parser("predict", help="send a NIfTI (or X-ray views) to a running `ctray serve`")
-    p.add_argument("input", metavar="IN", nargs="?", help=".nii or .nii.gz volume")
+    p = sub.add_parser("predict", help="send a volume (or X-ray views) to a running `ctray serve`")
+    p.add_argument(
+        "input",
+        metavar="IN",
+        nargs="?",
+        help=".nii/.nii.gz volume, or a DICOM series folder or .zip (converted to NIfTI first)",
+    )
     p.add_argument(
         "--views",
         nargs="+",
@@ -52,7 +79,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=_predict)
 
     d = sub.add_parser("drr", help="render the X-ray views a model expects from a CT")
-    d.add_argument("ct", metavar="CT", help=".nii or .nii.gz CT volume (HU)")
+    d.add_argument("ct", metavar="CT", help="CT (HU): .nii/.nii.gz, DICOM series folder or .zip")
     d.add_argument("--model", required=True, help="exported model directory, or its name")
     d.add_argument("--models", default="exported", help="folder to find --model NAME in")
     d.add_argument("--out", required=True, help="folder the views are written to (.nii.gz)")
@@ -64,14 +91,15 @@ def add_commands(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ctray.serve.config import DEFAULT_MAX_VOXELS, ServeConfig
+    from ctray.serve.config import DEFAULT_MAX_VOXELS
     from ctray.serve.server import serve_forever
 
     config = ServeConfig(
         models=args.models,
         host=args.host,
         port=args.port,
-        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        token=token_from(args.token),
+        insecure=args.insecure,
         max_body_mb=args.max_body_mb,
         max_voxels=args.max_voxels or DEFAULT_MAX_VOXELS,
         replicas=args.replicas,
@@ -81,7 +109,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
         batching=not args.no_batching,
-        max_ongoing_requests=args.max_ongoing_requests,
+        max_queue=args.max_queue,
+        memory_budget_mb=args.memory_budget_mb,
         overlap=args.overlap,
     )
     return serve_forever(config, address=args.address)
@@ -101,7 +130,7 @@ def _predict(args: argparse.Namespace) -> int:
     if (args.input is None) == (args.views is None):
         raise ConfigError("give either a volume IN or --views FILE [FILE ...]")
     source = args.input if args.views is None else list(args.views)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    token = token_from(args.token)
     try:
         with CtrayClient(args.url, token, timeout=args.timeout) as client:
             out = client.predict_file(source, args.out, args.model, **conditioning)

@@ -1,4 +1,5 @@
-"""A small HTTP client for a running `ctray serve` (httpx only: no Ray, no torch).
+"""A small HTTP client for a running `ctray serve` (httpx only: no Ray, no torch, unless a
+DICOM series is sent: it is converted to NIfTI here, with ctray.data, before the upload).
 
 client = CtrayClient("http://127.0.0.1:8000", token=os.environ.get("CTRAY_SERVE_TOKEN"))
 client.predict_file("ct.nii.gz", "venous.nii.gz", "phase_gan_best", target_phase="venous")
@@ -49,8 +50,10 @@ class CtrayClient:
         return self._call("GET", "/v1/models").json()
 
     def predict(self, data: str | os.PathLike | bytes, model: str, **conditioning: Any) -> bytes:
-        """Send a .nii/.nii.gz (path or bytes); returns the prediction as .nii.gz bytes."""
-        body = data if isinstance(data, bytes) else Path(data).read_bytes()
+        """Send a volume: a .nii/.nii.gz (path or bytes), or a DICOM series folder or .zip
+        (converted to NIfTI locally, so its errors are reported before any upload); returns
+        the prediction as .nii.gz bytes, on the grid of the volume sent."""
+        body = data if isinstance(data, bytes) else _volume_bytes(Path(data))
         response = self._call(
             "POST",
             f"/v1/models/{quote(model, safe='')}/predict",
@@ -105,6 +108,14 @@ class CtrayClient:
         if response.status_code >= 400:
             raise ServeError(response.status_code, _message(response))
         return response
+
+
+def _volume_bytes(path: Path) -> bytes:
+    if path.is_dir() or path.name.lower().endswith(".zip"):
+        from ctray.data.volumes import series_nifti_bytes
+
+        return series_nifti_bytes(path)
+    return path.read_bytes()
 
 
 def _message(response: httpx.Response) -> str:

@@ -11,14 +11,22 @@ import gzip
 import hashlib
 import hmac
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ctray.data.dicom import (
+    DicomError,
+    SeriesTooLarge,
+    has_dicom_marker,
+    is_zip,
+    load_dicom_series,
+)
 from ctray.data.images import ViewError, decode_view
 from ctray.data.nifti import NiftiError, Volume, load_nifti, nifti_bytes, read_header_shape
-from ctray.registry import FamilySpec
+from ctray.registry import DataInfo, FamilySpec
+from ctray.serve.admission import working_voxels
 from ctray.serve.errors import ApiError
 
 
@@ -49,27 +57,37 @@ def parse_conditioning(spec: FamilySpec, query: Iterable[tuple[str, str]]) -> di
         raise ApiError("invalid_conditioning", str(err.args[0] if err.args else err)) from err
 
 
-def check_content_length(headers: Mapping[str, str], limit: int) -> None:
-    """Refuse a declared body over the limit before reading a byte of it."""
+def check_content_length(headers: Mapping[str, str], limit: int) -> int | None:
+    """The declared body size (None: not declared); a body over the limit is refused before
+    a byte of it is read."""
     declared = headers.get("content-length")
     if declared is None:
-        return
+        return None
     try:
         size = int(declared)
     except ValueError:
         raise ApiError("invalid_request", f"bad Content-Length header {declared!r}") from None
     if size > limit:
         raise ApiError("body_too_large", _too_large(size, limit))
+    return size
 
 
-async def read_body(chunks: AsyncIterator[bytes], limit: int) -> bytes:
-    """Collect a streamed body, stopping as soon as it passes the limit (chunked uploads)."""
+async def read_body(
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    on_progress: Callable[[int], None] = lambda total: None,
+) -> bytes:
+    """Collect a streamed body, stopping as soon as it passes the limit (chunked uploads).
+
+    ``on_progress(total)`` runs before each chunk is kept (it may refuse by raising).
+    """
     parts: list[bytes] = []
     total = 0
     async for chunk in chunks:
         total += len(chunk)
         if total > limit:
             raise ApiError("body_too_large", _too_large(total, limit, at_least=True))
+        on_progress(total)
         parts.append(chunk)
     if total == 0:
         raise ApiError("empty_body", "empty request body: send the .nii or .nii.gz file's bytes")
@@ -84,8 +102,33 @@ def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
     )
 
 
-def decode_volume(body: bytes, *, max_voxels: int, label: str = "upload") -> Volume:
-    """Validate and load an uploaded NIfTI; size is checked from the header first."""
+def decode_volume(
+    body: bytes,
+    *,
+    max_voxels: int,
+    label: str = "upload",
+    on_header: Callable[[tuple[int, int, int]], None] = lambda shape: None,
+) -> Volume:
+    """Validate and load an uploaded NIfTI (size checked from the header first) or a zip of one
+    DICOM CT series (size checked from the slice headers before any pixel is decoded).
+
+    ``on_header(shape)`` runs once the size is known and, for NIfTI, before any voxel is
+    decompressed or allocated: the replica reserves the decode's memory there (it may refuse
+    by raising). A DICOM series reports its shape once assembled.
+    """
+    if is_zip(body):
+        try:
+            volume = load_dicom_series(body, name=label, max_voxels=max_voxels)
+            on_header(volume.shape)
+            return volume
+        except SeriesTooLarge as err:
+            raise ApiError("volume_too_large", str(err)) from err
+        except DicomError as err:
+            raise ApiError("invalid_dicom", str(err)) from err
+    if has_dicom_marker(body):
+        raise ApiError(
+            "invalid_dicom", f"{label}: a single DICOM file; send the whole series as one .zip"
+        )
     try:
         shape = read_header_shape(body, name=label, max_voxels=2**62)
         voxels = math.prod(shape)
@@ -95,9 +138,14 @@ def decode_volume(body: bytes, *, max_voxels: int, label: str = "upload") -> Vol
                 f"{label}: header claims {voxels:,} voxels (shape {shape}), over the server's "
                 f"limit of {max_voxels:,}; crop or downsample the volume",
             )
+        on_header(shape)
         return load_nifti(body, name=label, max_voxels=max_voxels)
     except NiftiError as err:
         raise ApiError("invalid_nifti", str(err)) from err
+    except (ValueError, OverflowError) as err:
+        # a header field the reader does not check converts badly (e.g. a NaN or infinite
+        # vox_offset): still the upload's fault, and the answer must say so, not crash
+        raise ApiError("invalid_nifti", f"{label}: unreadable NIfTI header ({err})") from err
 
 
 def check_output_size(scale: Sequence[int], shape: Sequence[int], max_voxels: int) -> None:
@@ -110,6 +158,23 @@ def check_output_size(scale: Sequence[int], shape: Sequence[int], max_voxels: in
             f"the output would have {voxels:,} voxels (input {tuple(shape)} refined "
             f"{'x'.join(str(int(f)) for f in scale)}), over the server's limit of "
             f"{max_voxels:,}; send a smaller volume",
+        )
+
+
+def check_working_size(
+    data: DataInfo, shape: Sequence[int], affine: np.ndarray, max_voxels: int
+) -> None:
+    """Refuse a volume that the model's spacing would turn into a grid over the voxel limit
+    (a small file whose header claims huge voxels: 100^3 voxels of 100 mm are 1250^3 at 8 mm)."""
+    voxels = working_voxels(data, shape, affine)
+    if voxels > max_voxels:
+        spacing = "x".join(f"{s:.3g}" for s in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)))
+        raise ApiError(
+            "volume_too_large",
+            f"resampled to the model's spacing ({'x'.join(f'{s:g}' for s in data.spacing)} mm), "
+            f"this {'x'.join(map(str, shape))} volume of {spacing} mm voxels becomes "
+            f"{voxels:,} voxels, over the server's limit of {max_voxels:,}; check the voxel "
+            "size in its header (pixdim) or send a smaller volume",
         )
 
 

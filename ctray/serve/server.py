@@ -6,8 +6,9 @@ import logging
 import sys
 import time
 
-from ctray.serve.catalog import discover
-from ctray.serve.config import ServeConfig
+from ctray.config import ConfigError
+from ctray.serve.catalog import discover, model_bytes
+from ctray.serve.config import MB, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,10 @@ def start(config: ServeConfig, *, address: str | None = None) -> str:
     from ctray.serve.app import build_app
     from ctray.session import init_ray
 
-    discover(config.models)  # a missing folder or bad model.json fails before Ray starts
+    # a missing folder or bad model.json fails before Ray starts
+    reserve = config.replica_memory_bytes(model_bytes(discover(config.models).values()))
     init_ray(address)
+    check_memory(reserve, largest_node_memory())
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(
         build_app(config),
@@ -34,6 +37,25 @@ def start(config: ServeConfig, *, address: str | None = None) -> str:
         blocking=False,
     )
     return config.url
+
+
+def largest_node_memory() -> int:
+    """The most ``memory`` resource any live node of the Ray cluster offers (bytes)."""
+    import ray
+
+    return max(
+        (int(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")), default=0
+    )
+
+
+def check_memory(reserve: int, available: int) -> None:
+    """Refuse a replica no node can hold (Serve would wait for it forever) with the way out."""
+    if reserve > available:
+        raise ConfigError(
+            f"a replica reserves {reserve / MB:,.0f} MiB (--memory-budget-mb plus the runtime "
+            f"and the models), but the largest Ray node offers {available / MB:,.0f} MiB; "
+            "lower --memory-budget-mb, or use a node with more memory"
+        )
 
 
 def stop(config: ServeConfig, *, shutdown: bool = True) -> None:
@@ -55,7 +77,12 @@ def serve_forever(config: ServeConfig, *, address: str | None = None) -> int:
         print(f"error: could not deploy {config.models}: {err}", file=sys.stderr)
         stop(config, shutdown=address is None)
         return 1
-    auth = "bearer token required" if config.token else "no token (open)"
+    if config.token:
+        auth = "bearer token required"
+    elif config.insecure:
+        auth = f"NO TOKEN, --insecure: anyone who can reach {config.host} can use the models"
+    else:
+        auth = "no token: loopback only"
     print(f"ctray serve: models from {config.models} at {url}  ({auth}; Ctrl-C to stop)")
     print(f"  try: curl -sS {url}/healthz", flush=True)
     try:

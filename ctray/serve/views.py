@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ctray.config import from_dict
 from ctray.data.images import encode_nifti_view
-from ctray.data.nifti import load_nifti
+from ctray.data.volumes import load_volume
 from ctray.files import atomic_write_bytes
 from ctray.modeldir import read_meta
 from ctray.registry import DataInfo, get_family
@@ -39,7 +39,7 @@ def render_views(
         raise ValueError(f"{path} is a {spec.name} model: it takes a volume, not X-ray views")
     config = from_dict(spec.config_cls, meta["family_config"], where=str(path / "model.json"))
     data = DataInfo.from_dict(meta["data"])
-    views = spec.views.render(load_nifti(ct), config, data)
+    views = spec.views.render(load_volume(ct), config, data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return [

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +19,12 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from serve_support import TIMEOUT, export_test_model, free_port, phantom
 
 from ctray.data.nifti import Volume, load_nifti, nifti_bytes, save_nifti
-from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.serve import CtrayClient, ServeConfig, ServeError
 
 TOKEN = "test-token-0123456789"
-TIMEOUT = 120.0
 MAX_BODY_MB = 2.0
 MAX_VOXELS = 4_000_000
 
@@ -39,46 +37,12 @@ class Server:
     replica: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _export_test_model(out: Path) -> Path:
-    """An untrained debug phase-GAN whose output head is randomised, so it changes the image
-    (a zero head is the identity, which would hide voxel-order mistakes)."""
-    import torch
-
-    from ctray.config import from_dict, to_dict
-    from ctray.modeldir import export_model
-    from ctray.registry import DataInfo, get_family
-
-    spec = get_family("phase_gan")
-    cfg = from_dict(spec.config_cls, spec.preset("debug"))
-    window = {"lo": -1000.0, "hi": 1000.0}
-    info = DataInfo(patch_size=(16, 16, 16), spacing=(8.0, 8.0, 8.0), window=window)
-    torch.manual_seed(0)
-    models = spec.build_models(cfg, info)
-    # not the identity: a random change, the output gate half open
-    torch.nn.init.normal_(models["generator"].delta.weight, std=0.05)
-    torch.nn.init.constant_(models["generator"].gate.bias, 0.0)
-    return export_model(
-        out,
-        spec=spec,
-        family_config=to_dict(cfg),
-        data={"patch_size": [16, 16, 16], "spacing": [8.0, 8.0, 8.0], "window": window},
-        state={k: m.state_dict() for k, m in models.items()},
-        metrics={"balanced_mae_hu": 50.0, "identity_balanced_mae_hu": 60.0},
-    )
-
-
 @pytest.fixture(scope="module")
 def models_dir(
     tmp_path_factory: pytest.TempPathFactory, smoke_export: Path, pix2pix_smoke_export: Path
 ) -> Path:
     root = tmp_path_factory.mktemp("serve_models")
-    _export_test_model(root / "tiny")
+    export_test_model(root / "tiny")
     shutil.copytree(smoke_export / "smoke", root / "smoke")
     shutil.copytree(pix2pix_smoke_export / "smoke", root / "p2p")
     return root
@@ -88,7 +52,7 @@ def models_dir(
 def server(ray_session, models_dir: Path) -> Iterator[Server]:
     from ctray.serve.server import start, stop
 
-    port = _free_port()
+    port = free_port()
     main = ServeConfig(
         models=models_dir,
         port=port,
@@ -96,7 +60,8 @@ def server(ray_session, models_dir: Path) -> Iterator[Server]:
         max_voxels=MAX_VOXELS,
         max_batch_size=4,
         batch_wait_ms=50,
-        max_ongoing_requests=64,
+        max_queue=64,
+        memory_budget_mb=512,
         app_name="ctray-test",
     )
     secure = ServeConfig(
@@ -104,6 +69,7 @@ def server(ray_session, models_dir: Path) -> Iterator[Server]:
         port=port,
         token=TOKEN,
         batching=False,
+        memory_budget_mb=256,
         app_name="ctray-test-secure",
         route_prefix="/secure",
     )
@@ -121,10 +87,6 @@ def server(ray_session, models_dir: Path) -> Iterator[Server]:
 def client(server: Server) -> Iterator[CtrayClient]:
     with CtrayClient(server.url, timeout=TIMEOUT) as c:
         yield c
-
-
-def _phantom(seed: int = 11, shape=(40, 36, 20), spacing=(5.0, 5.0, 6.0)) -> Volume:
-    return make_phantom(seed, config=PhantomConfig(shape=shape, spacing=spacing))[0]
 
 
 def _reoriented(vol: Volume, kind: str) -> Volume:
@@ -182,7 +144,7 @@ def test_round_trip_keeps_grid_and_hu(server: Server, client: CtrayClient, kind:
     from ctray.inference import predict_volume
     from ctray.modeldir import load_model
 
-    ras = _phantom()
+    ras = phantom()
     vol = _reoriented(ras, kind)
     out = _decode(client.predict(nifti_bytes(vol.array, vol.affine), "tiny", target_phase="venous"))
     assert out.shape == vol.shape
@@ -220,7 +182,7 @@ def test_real_ct_through_the_endpoint(client: CtrayClient, real_ct_dir: Path) ->
 
 
 def test_smoke_tuned_model_is_hosted_and_answers(client: CtrayClient) -> None:
-    vol = _phantom(seed=3, shape=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
+    vol = phantom(seed=3, shape=(32, 32, 16), spacing=(8.0, 8.0, 8.0))
     data = client.predict(nifti_bytes(vol.array, vol.affine), "smoke", target_phase="delayed")
     out = _decode(data)
     assert out.shape == vol.shape
@@ -229,7 +191,7 @@ def test_smoke_tuned_model_is_hosted_and_answers(client: CtrayClient) -> None:
 
 def test_pix2pix_model_is_hosted_without_serve_side_changes(client: CtrayClient) -> None:
     """A 2D slice model (the pix2pix smoke export) through the same generic endpoint."""
-    vol = _reoriented(_phantom(seed=5, shape=(40, 36, 12), spacing=(6.0, 6.0, 5.0)), "lps")
+    vol = _reoriented(phantom(seed=5, shape=(40, 36, 12), spacing=(6.0, 6.0, 5.0)), "lps")
     out = _decode(client.predict(nifti_bytes(vol.array, vol.affine), "p2p"))
     assert out.shape == vol.shape
     np.testing.assert_allclose(out.affine, vol.affine, atol=1e-4)
@@ -254,7 +216,7 @@ def _huge_header() -> bytes:
 
 
 def _good() -> bytes:
-    vol = _phantom(seed=5, shape=(24, 24, 12), spacing=(8.0, 8.0, 8.0))
+    vol = phantom(seed=5, shape=(24, 24, 12), spacing=(8.0, 8.0, 8.0))
     return nifti_bytes(vol.array, vol.affine)
 
 
@@ -344,7 +306,7 @@ def test_token_required_except_healthz(server: Server) -> None:
 
 
 def test_fifty_concurrent_requests_are_batched_and_not_mixed_up(server: Server) -> None:
-    vols = [_phantom(seed=s, shape=(24, 24, 12), spacing=(8.0, 8.0, 8.0)) for s in range(4)]
+    vols = [phantom(seed=s, shape=(24, 24, 12), spacing=(8.0, 8.0, 8.0)) for s in range(4)]
     bodies = [nifti_bytes(v.array, v.affine) for v in vols]
     jobs = [
         (i % 4, ("tiny", "smoke")[(i // 4) % 2], ("venous", "arterial")[(i // 8) % 2])
@@ -375,7 +337,7 @@ def test_fifty_concurrent_requests_are_batched_and_not_mixed_up(server: Server) 
 def test_cli_predict_writes_a_nifti(server: Server, tmp_path: Path, capsys) -> None:
     from ctray.cli import main
 
-    vol = _phantom(seed=7, shape=(24, 20, 12), spacing=(6.0, 6.0, 9.0))
+    vol = phantom(seed=7, shape=(24, 20, 12), spacing=(6.0, 6.0, 9.0))
     src = save_nifti(tmp_path / "ct.nii.gz", vol.array, vol.affine)
     out = tmp_path / "out" / "venous.nii.gz"
     rc = main(

@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ctray.config import ConfigError
 from ctray.data.nifti import nifti_bytes
 from ctray.registry import get_family
 from ctray.serve import CtrayClient, ServeConfig, ServeError
+from ctray.serve.config import REPLICA_BASE_MB, TOKEN_ENV, is_loopback
 from ctray.serve.errors import ApiError
 from ctray.serve.handling import (
     check_content_length,
@@ -40,7 +42,12 @@ def test_config_defaults_are_local_and_validated(tmp_path: Path) -> None:
     assert cfg.max_body_bytes == 256 * 2**20
     opts = cfg.deployment_options()
     assert opts["num_replicas"] == 1 and "autoscaling_config" not in opts
-    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert opts["ray_actor_options"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 0.0,
+        "memory": (4096 + REPLICA_BASE_MB) * 2**20,
+    }
+    assert opts["max_ongoing_requests"] > cfg.max_queue  # excess requests reach the 503
     auto = ServeConfig(models=tmp_path, replicas=2, max_replicas=5, num_gpus_per_replica=1)
     opts = auto.deployment_options()
     assert "num_replicas" not in opts
@@ -48,9 +55,69 @@ def test_config_defaults_are_local_and_validated(tmp_path: Path) -> None:
     assert opts["autoscaling_config"]["max_replicas"] == 5
     assert opts["ray_actor_options"]["num_gpus"] == 1
     for bad in ({"port": 0}, {"max_batch_size": 0}, {"replicas": 3, "max_replicas": 2},
-                {"token": "short"}, {"overlap": 1.0}):  # fmt: skip
+                {"token": "short"}, {"overlap": 1.0}, {"max_queue": 0},
+                {"memory_budget_mb": 0}):  # fmt: skip
         with pytest.raises(ConfigError):
             ServeConfig(models=tmp_path, **bad)
+
+
+def test_replica_memory_is_reserved_from_the_limits(tmp_path: Path) -> None:
+    from ctray.serve.server import check_memory
+
+    cfg = ServeConfig(models=tmp_path, memory_budget_mb=512, max_queue=4)
+    opts = cfg.deployment_options(model_bytes=3 * 2**20)
+    assert opts["ray_actor_options"]["memory"] == (512 + REPLICA_BASE_MB + 3) * 2**20
+    check_memory(2**30, 2**31)
+    with pytest.raises(ConfigError, match="--memory-budget-mb"):
+        check_memory(2**31, 2**30)  # no node could hold it: say so, do not wait forever
+
+
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.1", "ct-server.example.org", "[::]"]
+)
+def test_public_bind_needs_a_token_or_insecure(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match=f"refusing to listen on .*{TOKEN_ENV}.*--insecure"):
+        ServeConfig(models=tmp_path, host=host)
+    assert ServeConfig(models=tmp_path, host=host, token="long-enough-token").host == host
+    assert ServeConfig(models=tmp_path, host=host, insecure=True).insecure
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_loopback_bind_needs_no_token(tmp_path: Path, host: str) -> None:
+    assert is_loopback(host)
+    assert ServeConfig(models=tmp_path, host=host).token is None
+
+
+def test_cli_refuses_an_open_public_server_before_starting_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ctray.cli import main
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    started = _ray_started()
+    rc = main(["serve", "--models", str(tmp_path), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusing to listen on 0.0.0.0" in err and "--insecure" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _ray_started() == started, "Ray was started for a server that must not start"
+
+
+def test_tune_script_checks_its_serve_settings_before_tuning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--serve runs after hours of tuning: a setting it would refuse must fail at once."""
+    from ctray.experiment import run
+
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    started = _ray_started()
+    assert run("phase_gan", ["--serve"]) == 2
+    assert "token must have at least 8 characters" in capsys.readouterr().err
+    assert _ray_started() == started
+
+
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
 
 
 def test_token_is_kept_only_as_a_digest(tmp_path: Path) -> None:
