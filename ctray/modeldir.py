@@ -8,8 +8,16 @@ Layout of ``EXPORT/<name>/``::
                          output grid), validation metrics, conditioning inputs, source
     weights.safetensors  the inference modules' tensors, keys "<module>.<parameter>"
 
-No pickle anywhere: JSON plus safetensors, so loading a model cannot execute code. A directory
-is written under a temporary name and renamed into place, so a reader never sees half of one.
+No pickle anywhere: JSON plus safetensors, so loading a model cannot execute code.
+
+Replacing a model is atomic: ``EXPORT/<name>`` is a symbolic link to a version directory
+``EXPORT/.versions/<name>/<version>/``. A new version is written completely and flushed to
+disk, then a new link replaces the old one with one rename(2), atomic on a local POSIX
+filesystem, so a reader finds the old model or the new one, never neither and
+never a mix: :func:`load_model` resolves the link once and reads both files from that version.
+The version the link showed before is kept (a reader may still be reading it); older ones go.
+A crash at any point leaves the link on a complete version; leftovers are removed by the next
+export of that name. One writer per name at a time (an experiment name is one run).
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,7 @@ from ctray.registry import DataInfo, FamilySpec, get_family
 FORMAT = "ctray-model/1"
 META = "model.json"
 WEIGHTS = "weights.safetensors"
+VERSIONS = ".versions"
 
 
 @dataclass(kw_only=True, eq=False)
@@ -117,26 +126,72 @@ def export_model(
         "created": time.time(),
         "ctray_version": __version__,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS))
-        (tmp / META).write_text(json.dumps(meta, indent=2))
+    for name in extra_files or {}:
+        if Path(name).name != name or name in (META, WEIGHTS):
+            raise ValueError(f"extra file name {name!r} must be a plain, unused file name")
+
+    def fill(version: Path) -> None:
+        save_file(tensors, str(version / WEIGHTS))
+        (version / META).write_text(json.dumps(meta, indent=2))
         for name, text in (extra_files or {}).items():
-            if Path(name).name != name or name in (META, WEIGHTS):
-                raise ValueError(f"extra file name {name!r} must be a plain, unused file name")
-            (tmp / name).write_text(text)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+            (version / name).write_text(text)
+
+    return publish(out, fill)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Point ``out`` at a new version that ``fill(directory)`` writes, in one atomic rename.
+
+    If anything fails before the switch (a full disk, an error in ``fill``), the new version is
+    removed and ``out`` still shows the previous one. A directory at ``out`` from before
+    versioned exports is first moved to ``.versions/<name>/`` (the one step during which
+    ``out`` is absent, once per name).
+    """
+    out = Path(out)
+    versions = out.parent / VERSIONS / out.name
+    versions.mkdir(parents=True, exist_ok=True)
+    new = versions / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    link = versions / f".link-{new.name}"
+    new.mkdir()
+    try:
+        fill(new)
+        for path in (*new.iterdir(), new):
+            _fsync(path)
+        os.symlink(os.path.relpath(new, out.parent), link)
+        _fsync(versions)
+        previous = _current_version(out, versions)
+        os.replace(link, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        link.unlink(missing_ok=True)
+        shutil.rmtree(new, ignore_errors=True)
         raise
+    _fsync(out.parent)
+    for entry in versions.iterdir():
+        if entry.name not in (new.name, previous):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
     return out
+
+
+def _current_version(out: Path, versions: Path) -> str | None:
+    """The name of the version ``out`` shows now, moving a pre-versioning directory there."""
+    if out.is_symlink():
+        return Path(os.readlink(out)).name
+    if not out.exists():
+        return None
+    legacy = versions / f"legacy-{secrets.token_hex(4)}"
+    os.replace(out, legacy)
+    return legacy.name
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -163,15 +218,20 @@ def read_weights(path: str | Path, modules: Sequence[str]) -> dict[str, dict[str
 
 
 def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the family's modules from model.json and load the safetensors weights."""
+    """Rebuild the family's modules from model.json and load the safetensors weights.
+
+    Both files come from the version ``path`` shows when it is opened (the link is resolved
+    once), so a model replaced meanwhile is never read half old, half new.
+    """
     path = Path(path)
-    meta = read_meta(path)
+    version = path.resolve()
+    meta = read_meta(version)
     spec = get_family(meta["family"])
     config = from_dict(spec.config_cls, meta["family_config"], where=f"{path / META}")
     data = DataInfo.from_dict(meta["data"])
     built = spec.build_models(config, data)
     models = {}
-    for module, state in read_weights(path, meta["modules"]).items():
+    for module, state in read_weights(version, meta["modules"]).items():
         built[module].load_state_dict(state)
         models[module] = built[module].eval()
     return LoadedModel(
@@ -187,9 +247,22 @@ def load_model(path: str | Path, *, device: torch.device | str = "cpu") -> Loade
 
 
 def find_models(root: str | Path) -> list[Path]:
-    """Every model directory at or below ``root`` (sorted), skipping temporary ones."""
+    """Every model at or below ``root`` (sorted), by the name it is published under.
+
+    A model is a directory, or a link to a version, holding model.json; hidden entries (the
+    ``.versions`` store, leftovers of an interrupted export) are skipped.
+    """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such directory")
-    found = [p.parent for p in root.rglob(META) if not p.parent.name.startswith(".")]
-    return sorted(found)
+    if (root / META).is_file():
+        return [root]
+    found: list[Path] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        if (entry / META).is_file():
+            found.append(entry)
+        elif not entry.is_symlink():
+            found.extend(find_models(entry))
+    return found

@@ -4,22 +4,20 @@ It owns what no family should re-implement: one stage of a family at a time (ear
 modules loaded from their export and frozen), device and DDP wrapping of the trained modules
 only, bf16 autocast on CUDA, gradient accumulation and clipping, EMA copies, the global step,
 validation every N epochs with metrics averaged across workers, `ray.train.report` with a
-checkpoint (models, optimisers, EMA, epoch, step, every rank's RNG), exact resume, TensorBoard
-scalars and montages. Families plug in through the steps of their Stage.
+checkpoint (models, optimisers, EMA, epoch, step, every rank's RNG), exact resume (from the
+previous checkpoint when the latest is damaged: ctray.train.state), TensorBoard scalars and
+montages. Families plug in through the steps of their Stage.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import ray.train
@@ -30,18 +28,18 @@ from torch import nn
 
 from ctray.config import from_dict
 from ctray.registry import DataInfo, FamilySpec, Stage, StepContext, get_family
-from ctray.train.montage import montage
+from ctray.train.montage import display_window, montage
 from ctray.train.optimization import Optimization
 from ctray.train.state import (
     all_rng_states,
     ema_weights,
+    load_resumable,
     make_ema,
     restore_rank_rng,
     seed_everything,
+    write_checkpoint,
 )
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "train_config.json"
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -65,6 +63,8 @@ class LoopConfig:
         max_train_batches / max_val_batches: per-epoch caps (smoke tests).
         shuffle_buffer: rows in the local shuffle buffer of the train stream.
         tensorboard_dir: where rank 0 writes TensorBoard events (None: off).
+        display_window: the montages' HU display window (``soft_tissue``, ``lung``, ``bone``
+            or ``LEVEL/WIDTH``; see ctray.train.montage).
     """
 
     family: str
@@ -82,10 +82,12 @@ class LoopConfig:
     max_val_batches: int | None = None
     shuffle_buffer: int = 64
     tensorboard_dir: str | None = None
+    display_window: str = "soft_tissue"
 
     def __post_init__(self) -> None:
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        display_window(self.display_window)
 
     def validates(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based) ends with validation, a report and a checkpoint."""
@@ -99,23 +101,6 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
             raise ValueError("precision='bf16' needs a CUDA device; use 'auto' or 'fp32' on CPU")
         return torch.bfloat16
     return None
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module inside a DDP wrapper (state dicts without 'module.' prefixes)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint file atomically, readable by torch.load(weights_only=True)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """Read a checkpoint without unpickling arbitrary objects."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def exported_weights(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
@@ -200,7 +185,11 @@ def _load_init(path: str, spec: FamilySpec, modules: tuple[str, ...], data: Data
 
 
 class StageModels:
-    """The stage's modules: trained (DDP-wrapped), frozen earlier stages, EMA copies."""
+    """The stage's modules: trained (DDP-wrapped), frozen earlier stages, EMA copies.
+
+    ``bare`` holds the modules themselves and ``wrapped`` what the steps call (a trained
+    module's DDP wrapper around the same object: ``prepare_model`` moves it in place).
+    """
 
     def __init__(self, spec: FamilySpec, stage: Stage, cfg: Any, data: DataInfo, loop: LoopConfig):
         built = spec.build_models(cfg, data)
@@ -242,9 +231,55 @@ class StageModels:
             m.eval()
         return out
 
+    def preview_models(self) -> dict[str, nn.Module]:
+        """What a single rank may call on its own: the bare modules (EMA copies where
+        evaluation uses them), never a DDP wrapper, whose forward is a collective that the
+        other ranks would not join."""
+        return {**self.bare, **{name: ema.module for name, ema in self.ema.items()}}
+
     def update_ema(self) -> None:
         for name, ema in self.ema.items():
-            ema.update_parameters(unwrap(self.wrapped[name]))
+            ema.update_parameters(self.bare[name])
+
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State dicts of every module, without DDP's ``module.`` prefixes."""
+        return {name: module.state_dict() for name, module in self.bare.items()}
+
+
+Preview = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def validate(
+    ctx: StepContext, models: StageModels, stage: Stage, batches: Iterable[dict], *, preview: bool
+) -> tuple[dict[str, float], Preview | None]:
+    """One validation pass: ``val/`` metrics averaged across workers and, with ``preview``
+    (rank 0 when it writes TensorBoard), montage volumes from the first batch.
+
+    Every rank calls the eval models once per ``eval_step``, so DDP's collectives match; the
+    preview runs on one rank only and therefore gets :meth:`StageModels.preview_models`.
+    """
+    ctx.models = models.eval_mode()
+    mean = Mean()
+    shown = None
+    with torch.no_grad():
+        for batch in batches:
+            for key, values in stage.eval_step(ctx, batch).items():
+                mean.add(key, values)
+            if preview and shown is None:
+                shown = stage.preview(models.preview_models(), batch, ctx.config)
+    return {f"val/{k}": v for k, v in mean.result().items()}, shown
+
+
+def resume_candidates(latest: ray.train.Checkpoint) -> Iterator[ray.train.Checkpoint]:
+    """The latest checkpoint, then (only if asked for: it was damaged) the older ones Ray
+    Train still keeps, newest first."""
+    yield latest
+    kept = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
+    older = [r for r in kept if r.checkpoint.path != latest.path]
+    older.sort(key=lambda r: r.metrics.get("epoch", -1), reverse=True)
+    yield from (r.checkpoint for r in older)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -276,8 +311,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, step = 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_state(Path(ckpt_dir) / STATE_FILE)
+        state, resumed = load_resumable(resume_candidates(checkpoint))
         for name, module in models.bare.items():
             module.load_state_dict(state["models"][name])
         for name, opt in optimizers.items():
@@ -286,6 +320,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ema.module.load_state_dict(state["ema"][name])
             ema.n_averaged.fill_(int(state["ema_count"][name]))
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        if start_epoch >= loop.epochs:
+            _report_again(resumed, rank)
+            return
         restore_rank_rng(state["rng"], rank, fallback_seed=loop.seed + rank + 7919 * start_epoch)
     else:
         if frozen:
@@ -339,22 +376,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     flush=True,
                 )
             continue
-        ctx.models = models.eval_mode()
-        val_mean = Mean()
-        preview = None
-        with torch.no_grad():
-            for batch in _iterate("val", loop, device, loop.max_val_batches, 0):
-                for key, values in stage.eval_step(ctx, batch).items():
-                    val_mean.add(key, values)
-                if preview is None and writer is not None:
-                    # Rank 0 alone: the bare modules, never a DDP wrapper (whose forward
-                    # would wait for the other ranks).
-                    bare = {k: unwrap(m) for k, m in ctx.models.items()}
-                    preview = stage.preview(bare, batch, family_cfg)
-        metrics.update({f"val/{k}": v for k, v in val_mean.result().items()})
+        val_metrics, preview = validate(
+            ctx,
+            models,
+            stage,
+            _iterate("val", loop, device, loop.max_val_batches, 0),
+            preview=writer is not None,
+        )
+        metrics.update(val_metrics)
         metrics["epoch_time_s"] = time.perf_counter() - started
         if writer is not None:
-            _write_tensorboard(writer, metrics, preview, epoch)
+            _write_tensorboard(
+                writer, metrics, preview, epoch, data=data, display=loop.display_window
+            )
         if rank == 0:
             shown = {
                 k: round(v, 4)
@@ -369,7 +403,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = {
             "epoch": epoch,
             "step": optimize.step,
-            "models": {k: unwrap(m).state_dict() for k, m in models.wrapped.items()},
+            "models": models.weights(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "ema": {k: ema_weights(e) for k, e in models.ema.items()},
             "ema_count": {k: int(e.n_averaged) for k, e in models.ema.items()},
@@ -380,13 +414,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         writer.close()
 
 
-def _write_tensorboard(writer, metrics: dict[str, Any], preview, epoch: int) -> None:
+def _write_tensorboard(
+    writer, metrics: dict[str, Any], preview, epoch: int, *, data: DataInfo, display: str
+) -> None:
     for key, value in metrics.items():
         if isinstance(value, float) and math.isfinite(value):
             writer.add_scalar(key, value, epoch)
     if preview is not None:
-        writer.add_image("preview/input_output_target", montage(*preview), epoch, dataformats="HW")
+        image = montage(*preview, data=data, display=display)
+        writer.add_image("preview/input_output_target", image, epoch, dataformats="HWC")
     writer.flush()
+
+
+def _report_again(checkpoint: ray.train.Checkpoint, rank: int) -> None:
+    """Report a finished run's last result once more, with its checkpoint.
+
+    A run restored after its last epoch trains nothing; without this, its new driver (a Tune
+    trial resumed after the Tune driver died between the run's end and recording it) would
+    never hear the end and would keep an older result and checkpoint path.
+    """
+    kept = ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
+    metrics = next(r.metrics for r in kept if r.checkpoint.path == checkpoint.path)
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
 
 
 def _report(metrics: dict[str, Any], state: dict[str, Any], config: dict[str, Any], rank: int):
@@ -395,6 +449,5 @@ def _report(metrics: dict[str, Any], state: dict[str, Any], config: dict[str, An
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="ctray-ckpt-") as tmp:
-        save_state(Path(tmp) / STATE_FILE, state)
-        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_checkpoint(tmp, state, config)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -13,7 +13,8 @@ from ray.tune import Result, ResultGrid
 from ctray.data.shards import load_manifest
 from ctray.modeldir import export_model, read_meta, weights_digest
 from ctray.registry import Stage, get_family
-from ctray.train.loop import CONFIG_FILE, STATE_FILE, exported_weights, load_state
+from ctray.train.loop import exported_weights
+from ctray.train.state import read_config, read_state
 from ctray.tune.pareto import choose, pareto_front
 from ctray.tune.report import baseline_rows, format_baseline_report
 from ctray.tune.runner import metric_name
@@ -35,8 +36,8 @@ def export_checkpoint(
     family's baselines (see ctray.tune.report), and any ``extra_files`` (name -> text).
     """
     with Checkpoint(checkpoint_path).as_directory() as ckpt:
-        config = json.loads((Path(ckpt) / CONFIG_FILE).read_text())
-        state = load_state(Path(ckpt) / STATE_FILE)
+        config = read_config(ckpt)
+        state = read_state(ckpt)
     spec = get_family(config["loop"]["family"])
     stage = spec.stage(config["loop"].get("stage"))
     val = {k.removeprefix("val/"): v for k, v in metrics.items() if k.startswith("val/")}
