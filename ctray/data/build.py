@@ -2,9 +2,14 @@
 
 A family turns its inputs into :class:`SubjectSource` objects (a name, the files it came from
 with checksums, and a function that produces the subject's patch rows); :func:`build_shards`
-assigns splits, writes one Parquet file per subject atomically, skips subjects whose inputs
-and settings are unchanged since the last build, and records every skipped input with its
-reason in the manifest.
+assigns splits, writes one Parquet file per subject, reuses subjects whose inputs and settings
+are unchanged since the last build, and records every skipped input with its reason in the
+manifest and in a build report that is written even when the build fails.
+
+A build goes from the previous state to the new one in one step: its shards get new file names
+(the build generation), the manifest is replaced last, and the previous generation's files are
+removed only after that. A build that fails at any point leaves the previous manifest and every
+shard it lists as they were.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
+import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +33,25 @@ from ctray.config import to_dict
 from ctray.data.nifti import NiftiError, Volume, canonical_ras, resample_to_spacing
 from ctray.data.phantom import PhantomConfig
 from ctray.data.shards import (
+    MANIFEST,
     SPLITS,
     InputRecord,
     Manifest,
     describe_columns,
     load_manifest,
     rows_to_table,
+    shard_problem,
     write_table_atomic,
 )
+from ctray.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+REPORT = "build-report.json"
+MAX_SUBJECT_BYTES = 200
+# ':' too: on Windows "C:x" is a path on drive C.
+_SEPARATORS = frozenset("/\\:")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +108,47 @@ class SubjectSource:
 
 
 class BuildError(RuntimeError):
-    """A build cannot produce a usable dataset (no inputs, too few subjects, strict skip)."""
+    """A build cannot produce a usable dataset (no inputs, too few subjects, strict skip).
+
+    Its message ends with every input the build skipped and where its report was written, so
+    the user sees why the inputs did not suffice even though no manifest was written.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.skipped: list[dict[str, str]] = []
+        self.kept: str = ""
+        self.report: Path | None = None
+
+    def __str__(self) -> str:
+        lines = [self.args[0]]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} input(s) skipped:")
+            lines += [f"  {s['path']}: {s['reason']}" for s in self.skipped]
+        if self.kept:
+            lines.append(self.kept)
+        if self.report is not None:
+            lines.append(f"build report: {self.report}")
+        return "\n".join(lines)
+
+
+def subject_name_error(name: str) -> str | None:
+    """Why ``name`` cannot name a subject's shard file (None when it can).
+
+    Subject names come from CSV cells and file or folder names and become file names under the
+    output folder, so nothing in them may lead elsewhere (``..``, separators, absolute paths),
+    hide the file, or be unrepresentable on a file system.
+    """
+    if not name:
+        return "is empty"
+    bad = sorted({c for c in name if c in _SEPARATORS or unicodedata.category(c) == "Cc"})
+    if bad:
+        return f"contains {', '.join(repr(c) for c in bad)} (path separators, control characters)"
+    if name.startswith("."):
+        return "starts with '.' (a hidden file, or a path such as '..')"
+    if len(name.encode()) > MAX_SUBJECT_BYTES:
+        return f"is longer than {MAX_SUBJECT_BYTES} bytes"
+    return None
 
 
 def phantom_sources(
@@ -192,7 +247,8 @@ def assign_splits(subjects: Sequence[str], val_fraction: float, seed: int) -> di
     if len(subjects) < 2:
         raise BuildError(
             f"need at least 2 subjects for a train/val split, got {len(subjects)}; add inputs, "
-            "or draw several simulations per native scan (phase_gan: --simulations K)"
+            "draw several simulations per native scan (phase_gan: --option simulations=K), or, "
+            "for `ctray evaluate` only, hold every subject out (--val-fraction 1)"
         )
     ranked = sorted(subjects, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
     n_val = min(len(subjects) - 1, max(1, round(val_fraction * len(subjects))))
@@ -210,9 +266,50 @@ def _splits(sources: Sequence[SubjectSource], config: BuildConfig) -> dict[str, 
     return {s.subject: fixed.get(s.subject, "train") for s in sources}
 
 
+def _usable_names(
+    sources: Sequence[SubjectSource], skipped: list[dict[str, str]]
+) -> list[SubjectSource]:
+    """Sources whose subject names are safe, distinct file names; the others go to ``skipped``.
+
+    Names are compared case-insensitively: on macOS and Windows "A" and "a" are one file.
+    """
+    kept: dict[str, SubjectSource] = {}
+    for source in sources:
+        path = next(iter(source.paths.values()), source.subject)
+        problem = subject_name_error(source.subject)
+        if problem is not None:
+            skipped.append({"path": path, "reason": f"subject name {source.subject!r} {problem}"})
+            continue
+        first = kept.get(source.subject.casefold())
+        if first is not None:
+            other = next(iter(first.paths.values()), first.subject)
+            reason = f"duplicate subject {source.subject!r} (also from {other})"
+            skipped.append({"path": path, "reason": reason})
+            continue
+        kept[source.subject.casefold()] = source
+    return list(kept.values())
+
+
+def _previous(out: Path) -> Manifest | None:
+    try:
+        return load_manifest(out)
+    except FileNotFoundError:
+        return None
+
+
+def _landed(out: Path, manifest: Manifest) -> bool:
+    """Whether ``manifest`` is the one on disk (an interruption can come just after the swap)."""
+    try:
+        on_disk = load_manifest(out)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (on_disk.generation, on_disk.created) == (manifest.generation, manifest.created)
+
+
 def _reusable(
     old: Manifest | None, out: Path, source: SubjectSource, split: str
 ) -> InputRecord | None:
+    """The previous build's record of ``source`` when its shard can stand unchanged."""
     if old is None:
         return None
     for rec in old.inputs:
@@ -220,60 +317,41 @@ def _reusable(
             rec.subject == source.subject
             and rec.checksums == source.checksums
             and rec.split == split
-            and (out / rec.shard).is_file()
+            and shard_problem(out / rec.shard, rec.shard_bytes) is None
         ):
-            return rec
+            size = (out / rec.shard).stat().st_size
+            return dataclasses.replace(rec, paths=source.paths, shard_bytes=size)
     return None
 
 
-def build_shards(
+def _fill(
+    manifest: Manifest,
     *,
-    family: str,
-    out: str | Path,
+    out: Path,
     sources: Sequence[SubjectSource],
-    skipped: list[dict[str, str]],
+    old: Manifest | None,
     config: BuildConfig,
-    family_options: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> Manifest:
-    """Write (or update) a shard directory and its manifest; returns the manifest.
+    written: list[Path],
+    progress: bool,
+) -> int:
+    """Add every source's record to ``manifest``, writing new shards; returns how many were reused.
 
-    Inputs that fail validation are skipped and recorded (or raise with ``config.strict``);
-    nothing half-written is ever left under a shard's final name.
+    New shard paths are appended to ``written`` before they are written, so a failure can
+    remove them.
     """
-    out = Path(out)
-    build = {"family_options": dict(family_options or {}), **to_dict(config)}
-    old: Manifest | None = None
-    try:
-        candidate = load_manifest(out)
-        if candidate.family == family and candidate.build == build:
-            old = candidate
-    except FileNotFoundError:
-        pass
-    if config.strict and skipped:
-        raise BuildError("; ".join(f"{s['path']}: {s['reason']}" for s in skipped))
+    if config.strict and manifest.skipped:
+        raise BuildError(f"--strict: {len(manifest.skipped)} input(s) are not usable")
     if not sources:
-        raise BuildError(
-            "no usable inputs"
-            + (": " + "; ".join(f"{s['path']}: {s['reason']}" for s in skipped) if skipped else "")
-        )
+        raise BuildError("no usable inputs")
     splits = _splits(sources, config)
-    manifest = Manifest(
-        family=family,
-        build=build,
-        patch_size=list(config.patch_size),
-        spacing=list(config.spacing),
-        window=config.window,
-        skipped=list(skipped),
-    )
     reused = 0
     for source in tqdm(
-        sources, desc=f"building {family} shards", unit="subject", disable=not progress
+        sources, desc=f"building {manifest.family} shards", unit="subject", disable=not progress
     ):
         split = splits[source.subject]
         rec = _reusable(old, out, source, split)
         if rec is not None:
-            manifest.inputs.append(dataclasses.replace(rec, paths=source.paths))
+            manifest.inputs.append(rec)
             manifest.columns = old.columns if old else manifest.columns
             reused += 1
             continue
@@ -290,9 +368,13 @@ def build_shards(
             manifest.skipped.append({"path": path, "reason": reason})
             log.warning("skipped %s: %s", path, reason)
             continue
-        shard = f"{split}/{source.subject}.parquet"
+        shard = f"{split}/{source.subject}.g{manifest.generation}.parquet"
         table = rows_to_table(rows)
-        write_table_atomic(table, out / shard)
+        written.append(out / shard)
+        try:
+            write_table_atomic(table, out / shard)
+        except OSError as err:
+            raise BuildError(f"cannot write shard {out / shard}: {err.strerror or err}") from err
         manifest.columns = describe_columns(table)
         manifest.inputs.append(
             InputRecord(
@@ -302,21 +384,119 @@ def build_shards(
                 split=split,
                 shard=shard,
                 rows=len(rows),
+                shard_bytes=(out / shard).stat().st_size,
                 **stats,
             )
         )
-    if config.strict and manifest.skipped:
-        raise BuildError("; ".join(f"{s['path']}: {s['reason']}" for s in manifest.skipped))
     needed = ("val",) if config.val_fraction >= 1.0 else SPLITS
     for split in needed:
         if not any(r.split == split for r in manifest.inputs):
-            raise BuildError(f"no usable subject left for the {split!r} split; see skipped inputs")
+            raise BuildError(f"no usable subject left for the {split!r} split")
+    return reused
+
+
+def _remove_unlisted(out: Path, manifest: Manifest) -> None:
+    """Delete shards (and temporary files of interrupted builds) the manifest does not list."""
     keep = {out / r.shard for r in manifest.inputs}
     for split in SPLITS:
-        for stale in (out / split).glob("*.parquet"):
-            if stale not in keep:
-                stale.unlink()
-    manifest.save(out)
+        for path in (*(out / split).glob("*.parquet"), *(out / split).glob(".*.tmp")):
+            if path not in keep:
+                try:
+                    path.unlink()
+                except OSError as err:  # the new build stands; a leftover file is harmless
+                    log.warning("could not remove %s: %s", path, err)
+
+
+def _write_report(
+    out: Path, *, manifest: Manifest, error: BaseException | None, current: Manifest | None
+) -> Path | None:
+    """Write ``DIR/build-report.json``; None when even that fails (e.g. the disk is full)."""
+    report = {
+        "status": "failed" if error else "ok",
+        "error": None if error is None else str(error) or type(error).__name__,
+        "created": time.time(),
+        "family": manifest.family,
+        "generation": manifest.generation,
+        "counts": None if error else manifest.counts,
+        "skipped": manifest.skipped,
+        # What manifest.json describes now: the new build, or after a failure the previous one.
+        "manifest": None
+        if current is None
+        else {"fingerprint": current.fingerprint, "generation": current.generation},
+    }
+    try:
+        return atomic_write_bytes(out / REPORT, json.dumps(report, indent=2).encode())
+    except OSError as err:
+        log.warning("could not write the build report %s: %s", out / REPORT, err)
+        return None
+
+
+def build_shards(
+    *,
+    family: str,
+    out: str | Path,
+    sources: Sequence[SubjectSource],
+    skipped: list[dict[str, str]],
+    config: BuildConfig,
+    family_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write (or update) a shard directory and its manifest; returns the manifest.
+
+    Inputs that fail validation are skipped and recorded (or raise with ``config.strict``).
+    On any failure the previous manifest and its shards stay as they were, this build's new
+    files are removed, and the report lists every skipped input.
+
+    Raises:
+        BuildError: no usable dataset, a strict skip, or a shard or the manifest could not be
+            written (e.g. the disk is full).
+    """
+    out = Path(out)
+    build = {"family_options": dict(family_options or {}), **to_dict(config)}
+    previous = _previous(out)
+    old = previous if previous and (previous.family, previous.build) == (family, build) else None
+    manifest = Manifest(
+        family=family,
+        build=build,
+        patch_size=list(config.patch_size),
+        spacing=list(config.spacing),
+        window=config.window,
+        skipped=list(skipped),
+        generation=(previous.generation if previous else 0) + 1,
+    )
+    written: list[Path] = []
+    try:
+        sources = _usable_names(sources, manifest.skipped)
+        reused = _fill(
+            manifest,
+            out=out,
+            sources=sources,
+            old=old,
+            config=config,
+            written=written,
+            progress=progress,
+        )
+        try:
+            manifest.save(out)
+        except OSError as err:
+            raise BuildError(f"cannot write {out / MANIFEST}: {err.strerror or err}") from err
+    except BaseException as err:
+        if _landed(out, manifest):  # the new build stands; its files must stay
+            raise
+        for path in written:
+            path.unlink(missing_ok=True)
+        report = _write_report(out, manifest=manifest, error=err, current=previous)
+        if isinstance(err, BuildError):
+            err.skipped = manifest.skipped
+            err.report = report
+            err.kept = (
+                f"{out / MANIFEST} is unchanged: it still describes the previous build"
+                if previous
+                else f"{out} holds no build"
+            )
+        raise
+    _remove_unlisted(out, manifest)
+    _write_report(out, manifest=manifest, error=None, current=manifest)
     log.info(
         "built %s: %s rows, %d reused, %d skipped",
         out,

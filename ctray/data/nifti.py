@@ -31,6 +31,7 @@ __all__ = [
     "NiftiError",
     "Volume",
     "canonical_ras",
+    "check_values",
     "is_nifti",
     "load_nifti",
     "nifti_bytes",
@@ -334,14 +335,15 @@ def load_nifti(
     except Exception as exc:  # corrupt payloads surface as many exception types
         raise NiftiError(label, f"could not read voxel data ({exc})") from exc
     arr = np.asarray(arr).reshape(shape)
-    _check_values(arr, label)
+    check_values(arr, label)
     out_dtype = np.dtype(dtype)
     if np.issubdtype(out_dtype, np.integer) and not np.issubdtype(arr.dtype, np.integer):
         arr = np.rint(arr)
     return Volume(array=np.ascontiguousarray(arr, dtype=out_dtype), affine=img.affine)
 
 
-def _check_values(arr: np.ndarray, label: str) -> None:
+def check_values(arr: np.ndarray, label: str) -> None:
+    """Refuse NaN/inf and constant volumes (shared by every input format)."""
     if np.issubdtype(arr.dtype, np.inexact):
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         if bad:

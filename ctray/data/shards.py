@@ -2,9 +2,14 @@
 
 Layout of a built data directory::
 
-    DIR/manifest.json            fingerprint, geometry, window, inputs, skipped files, counts
-    DIR/train/<subject>.parquet  one file per input subject (so a re-run rebuilds only changes)
-    DIR/val/<subject>.parquet
+    DIR/manifest.json                  fingerprint, geometry, window, inputs, skipped, counts
+    DIR/train/<subject>.g<N>.parquet   one file per input subject (so a re-run rebuilds only
+    DIR/val/<subject>.g<N>.parquet     changes), N the build generation that wrote it
+    DIR/build-report.json              what the last build attempt did (also when it failed)
+
+A build never writes to a file the current manifest lists: new shards get the new generation's
+name, the manifest is swapped in last, and only then are unlisted shards removed. Readers use
+only the files the manifest lists and refuse one whose size differs from the recorded size.
 
 Tensor columns use Arrow's canonical ``arrow.fixed_shape_tensor`` extension type, which
 pyarrow, Ray Data and other readers decode without copying into Python objects.
@@ -100,6 +105,9 @@ class InputRecord:
     spacing: list[float]
     hu: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
+    # Size of the shard file when it was written; None in manifests written before sizes were
+    # recorded (for those, readers check only that the file exists).
+    shard_bytes: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -114,6 +122,8 @@ class Manifest:
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
     inputs: list[InputRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Counts the builds of this folder; shards written by a build carry its number in their name.
+    generation: int = 0
     format: str = FORMAT
     created: float = field(default_factory=time.time)
 
@@ -134,8 +144,26 @@ class Manifest:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def shard_files(self, root: str | Path, split: str) -> list[str]:
-        """Absolute paths of a split's shard files (empty shards are never listed)."""
-        return [str(Path(root) / r.shard) for r in self.inputs if r.split == split and r.rows]
+        """Paths of a split's shard files (empty shards are never listed), each checked.
+
+        Raises:
+            ValueError: a listed file is missing or its size is not the recorded one (the
+                folder was changed after its build; other files in it are never read).
+        """
+        files = []
+        for rec in self.inputs:
+            if rec.split != split or not rec.rows:
+                continue
+            path = Path(root) / rec.shard
+            problem = shard_problem(path, rec.shard_bytes)
+            if problem:
+                raise ValueError(
+                    f"{path}: {problem}, but {Path(root) / MANIFEST} lists it; the folder was "
+                    f"changed after its build: rebuild it with `ctray data build --family "
+                    f"{self.family} ... --out {root}`"
+                )
+            files.append(str(path))
+        return files
 
     def to_json(self) -> str:
         data = {
@@ -149,6 +177,7 @@ class Manifest:
             "window": self.window,
             "columns": self.columns,
             "counts": self.counts,
+            "generation": self.generation,
             "inputs": [vars(r) for r in self.inputs],
             "skipped": self.skipped,
         }
@@ -178,8 +207,20 @@ def load_manifest(root: str | Path) -> Manifest:
         columns=data["columns"],
         inputs=[InputRecord(**r) for r in data["inputs"]],
         skipped=data["skipped"],
+        generation=data.get("generation", 0),
         created=data["created"],
     )
+
+
+def shard_problem(path: Path, size: int | None) -> str | None:
+    """Why ``path`` is not the shard a manifest recorded (None when it is, as far as known)."""
+    try:
+        actual = path.stat().st_size
+    except FileNotFoundError:
+        return "shard file is missing"
+    if size is not None and actual != size:
+        return f"shard file has {actual} bytes, the manifest recorded {size}"
+    return None
 
 
 def describe_columns(table: pa.Table) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ctray.config import ConfigError
-from ctray.data.build import BuildConfig, BuildError, assign_splits, sample_origins
+from ctray.data.build import REPORT, BuildConfig, BuildError, assign_splits, sample_origins
 from ctray.data.nifti import Volume
 from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.data.phases import PHASES, SimulatorConfig, simulate_phases
@@ -89,9 +89,9 @@ def test_phantom_build_counts_and_files(phantom_build) -> None:
     assert all(r.rows == 6 for r in manifest.inputs)
     assert manifest.skipped == []
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == sorted([MANIFEST] + [r.shard for r in manifest.inputs])
-    for rec in manifest.inputs:
-        assert rec.shard == f"{rec.split}/{rec.subject}.parquet"
+    assert files == sorted([MANIFEST, REPORT] + [r.shard for r in manifest.inputs])
+    for rec in manifest.inputs:  # written by the folder's first build (generation 1)
+        assert rec.shard == f"{rec.split}/{rec.subject}.g1.parquet"
 
 
 def test_phantom_build_columns(phantom_build) -> None:
@@ -292,12 +292,12 @@ def test_rebuild_reuses_unchanged_and_rebuilds_changed(tmp_path: Path) -> None:
     _save(root / "b_seg.nii.gz", labels, vol.affine)
     third = build(out=out, inputs=root, config=NATIVE_CFG, progress=False)
     now = _shard_stats(out)
-    assert now[shard_b] != stats[shard_b]
-    assert {k: v for k, v in now.items() if k != shard_b} == {
+    rec_b = next(r for r in third.inputs if r.subject == "b")
+    assert rec_b.shard != shard_b and rec_b.shard in now  # a new file; the old one is gone
+    assert {k: v for k, v in now.items() if k != rec_b.shard} == {
         k: v for k, v in stats.items() if k != shard_b
     }
     assert third.fingerprint != first.fingerprint
-    rec_b = next(r for r in third.inputs if r.subject == "b")
     assert (
         rec_b.checksums["scan"]
         != next(r for r in first.inputs if r.subject == "b").checksums["scan"]
@@ -323,8 +323,7 @@ def test_changed_build_settings_rebuild_everything(tmp_path: Path) -> None:
     cfg = BuildConfig(patch_size=PATCH, spacing=(8.0, 8.0, 8.0), patches_per_subject=3)
     manifest = build(out=out, inputs=root, config=cfg, progress=False)
     now = _shard_stats(out)
-    assert sorted(now) == sorted(stats)
-    assert all(now[k] != stats[k] for k in stats)
+    assert len(now) == len(stats) and not set(now) & set(stats)  # every shard new, old ones gone
     assert manifest.counts == {"train": 9, "val": 9}
 
 
@@ -435,7 +434,9 @@ def test_strict_turns_a_skipped_file_into_an_error(two_scans: Path, tmp_path: Pa
     assert not (tmp_path / "out" / MANIFEST).exists()
     # without strict the same inputs build, with the skip recorded
     lenient = build(out=tmp_path / "out2", inputs=two_scans, config=NATIVE_CFG, progress=False)
-    assert _by_name(lenient.skipped) == {"readme.txt": "not a NIfTI file (.nii or .nii.gz)"}
+    assert _by_name(lenient.skipped) == {
+        "readme.txt": "not a NIfTI file (.nii or .nii.gz), a DICOM series folder or a .zip of one"
+    }
 
 
 def test_strict_turns_an_unreadable_scan_into_an_error(two_scans: Path, tmp_path: Path) -> None:
@@ -482,7 +483,7 @@ def test_no_usable_input_is_an_error(tmp_path: Path) -> None:
     (root / "readme.txt").write_text("x")
     _scan(root, "lonely", 1, seg=False)
     with pytest.raises(
-        BuildError, match=r"no usable inputs: .*lonely\.nii\.gz: no organ label map"
+        BuildError, match=r"no usable inputs\n(?s:.*)lonely\.nii\.gz: no organ label map"
     ):
         build(out=tmp_path / "out", inputs=root, config=NATIVE_CFG, progress=False)
     with pytest.raises(FileNotFoundError, match="input folder does not exist"):
@@ -493,7 +494,7 @@ def test_one_subject_cannot_be_split(tmp_path: Path) -> None:
     root = tmp_path / "in"
     root.mkdir()
     _scan(root, "only", 1)
-    with pytest.raises(BuildError, match=r"need at least 2 subjects.*--simulations K"):
+    with pytest.raises(BuildError, match=r"need at least 2 subjects.*--option simulations=K"):
         build(out=tmp_path / "out", inputs=root, config=NATIVE_CFG, progress=False)
 
 

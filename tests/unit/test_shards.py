@@ -178,7 +178,12 @@ def test_manifest_save_load_round_trip(tmp_path: Path) -> None:
     assert back.skipped == m.skipped
     assert back.fingerprint == m.fingerprint
     assert back.counts == {"train": 6, "val": 3}
-    # empty shards are never listed
+    # listed shards must exist; empty shards are never listed
+    with pytest.raises(ValueError, match=r"a\.parquet: shard file is missing"):
+        back.shard_files(tmp_path, "train")
+    rows = _rows(9)
+    write_table_atomic(rows_to_table(rows[:6]), tmp_path / "train" / "a.parquet")
+    write_table_atomic(rows_to_table(rows[6:]), tmp_path / "val" / "b.parquet")
     assert back.shard_files(tmp_path, "train") == [str(tmp_path / "train" / "a.parquet")]
     assert back.shard_files(tmp_path, "val") == [str(tmp_path / "val" / "b.parquet")]
 

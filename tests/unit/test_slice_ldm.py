@@ -88,7 +88,8 @@ def test_thin_scans_and_paired_studies_build_and_bad_inputs_are_refused(tmp_path
     assert manifest.skipped == [
         {
             "path": str(tmp_path / "lonely"),
-            "reason": "a paired study needs thick.nii.gz and thin.nii.gz (missing thin)",
+            "reason": "a paired study needs thick and thin, each a NIfTI file (.nii or "
+            ".nii.gz), a DICOM series folder or a .zip of one (missing thin)",
         }
     ]
     pair = next(r for r in manifest.inputs if r.subject == "patient1")

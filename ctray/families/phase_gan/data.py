@@ -40,19 +40,27 @@ from ctray.data.build import (
     sample_origins,
 )
 from ctray.data.nifti import (
+    NIFTI_SUFFIXES,
     HUWindow,
     NiftiError,
     Volume,
+    canonical_ras,
     is_nifti,
     load_nifti,
-    nifti_stem,
     resample_like,
 )
 from ctray.data.organs import organ_mask
 from ctray.data.phantom import make_phantom
 from ctray.data.phases import FILL_HU, PHASES, SimulatorConfig, parse_phase, simulate_phases
 from ctray.data.registration import displacement_mm, resample, rigid_register
-from ctray.data.shards import Manifest, sha256_file
+from ctray.data.shards import Manifest
+from ctray.data.volumes import (
+    VOLUME_FORMATS,
+    is_volume,
+    load_volume,
+    volume_checksum,
+    volume_stem,
+)
 from ctray.metrics import LABEL_CLASSES
 
 PHANTOM_VERSION = "phantom-v2"  # v2: registered targets, PSF
@@ -299,6 +307,16 @@ def _phantom_sources(
     return phantom_sources(count, rows, version=PHANTOM_VERSION)
 
 
+def _label_map(scan: Path) -> Path:
+    """``NAME_seg.nii[.gz]`` beside a scan: with a NIfTI scan's own suffix; beside a DICOM
+    series (``NAME/`` or ``NAME.zip``) the first that exists."""
+    stem = volume_stem(scan)
+    if is_nifti(scan):
+        return scan.with_name(f"{stem}_seg{scan.name[len(stem) :]}")
+    candidates = [scan.with_name(f"{stem}_seg{suffix}") for suffix in NIFTI_SUFFIXES]
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
 def _native_sources(
     scans: Sequence[Path],
     config: BuildConfig,
@@ -307,7 +325,7 @@ def _native_sources(
 ) -> list[SubjectSource]:
     sources = []
     for scan in scans:
-        seg = scan.with_name(f"{nifti_stem(scan)}_seg{scan.name[len(nifti_stem(scan)) :]}")
+        seg = _label_map(scan)
         if not seg.is_file():
             skipped.append(
                 {
@@ -317,9 +335,9 @@ def _native_sources(
                 }
             )
             continue
-        checks = {"scan": sha256_file(scan), "labels": sha256_file(seg)}
+        checks = {"scan": volume_checksum(scan), "labels": volume_checksum(seg)}
         for j in range(opts.simulations):
-            stem = nifti_stem(scan)
+            stem = volume_stem(scan)
             subject = stem if opts.simulations == 1 else f"{stem}-sim{j}"
 
             def make(
@@ -331,8 +349,10 @@ def _native_sources(
                 subject=subject,
                 checks=checks,
             ):
-                native = load_nifti(scan)
-                ts = load_nifti(seg)
+                # compared in canonical order: a label map made from a DICOM series by
+                # another converter has the same grid in another voxel order
+                native, _ = canonical_ras(load_volume(scan))
+                ts, _ = canonical_ras(load_nifti(seg))
                 if ts.shape != native.shape or not np.allclose(ts.affine, native.affine, atol=1e-3):
                     raise NiftiError(
                         str(seg),
@@ -365,11 +385,11 @@ def _study_sources(
     for folder in folders:
         files: dict[int, Path] = {}
         for path in sorted(folder.iterdir()):
-            if not is_nifti(path):
-                skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
+            if not is_volume(path):
+                skipped.append({"path": str(path), "reason": f"not {VOLUME_FORMATS}"})
                 continue
             try:
-                files[parse_phase(nifti_stem(path))] = path
+                files[parse_phase(volume_stem(path))] = path
             except ValueError as err:
                 skipped.append({"path": str(path), "reason": f"file name is not a phase: {err}"})
         if len(files) < 2:
@@ -379,7 +399,7 @@ def _study_sources(
             continue
 
         def make(rng: np.random.Generator, split: str, files=files, subject=folder.name):
-            vols = {p: prepare(load_nifti(f), config.spacing) for p, f in files.items()}
+            vols = {p: prepare(load_volume(f), config.spacing) for p, f in files.items()}
             ref = vols[min(vols)]
             arrays = {
                 p: v.array
@@ -404,7 +424,7 @@ def _study_sources(
             SubjectSource(
                 subject=folder.name,
                 paths={PHASES[p]: str(f) for p, f in files.items()},
-                checksums={PHASES[p]: sha256_file(f) for p, f in files.items()},
+                checksums={PHASES[p]: volume_checksum(f) for p, f in files.items()},
                 make_rows=make,
             )
         )
@@ -419,13 +439,13 @@ def scan_inputs(
         raise FileNotFoundError(f"{root}: input folder does not exist")
     scans, folders = [], []
     for path in sorted(root.iterdir()):
-        if path.is_dir():
-            folders.append(path)
-        elif is_nifti(path):
-            if not nifti_stem(path).endswith("_seg"):
+        if is_volume(path):
+            if not volume_stem(path).endswith("_seg"):
                 scans.append(path)
+        elif path.is_dir():
+            folders.append(path)
         elif not path.name.startswith("."):
-            skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
+            skipped.append({"path": str(path), "reason": f"not {VOLUME_FORMATS}"})
     return _native_sources(scans, config, opts, skipped) + _study_sources(
         folders, config, opts, skipped
     )

@@ -7,9 +7,10 @@ Inputs, matched by file name (``.nii`` / ``.nii.gz``; the seed's layout)::
     ROOT/testB/NAME.nii.gz    (otherwise the split is drawn per subject)
 
 or a manifest ``pairs.csv`` with a header and one pair per row: columns ``a``, ``b`` (paths,
-relative to the CSV's folder) and optionally ``subject`` and ``split`` (``train`` / ``val``; if
-any row gives one, rows without it train). ``phantom=N`` adds N demo subjects: A = the
-phantom's native truth, B = its simulated venous truth (perfectly paired).
+relative to the CSV's folder) and optionally ``subject`` (it names the shard file, so a row whose
+subject is not a safe file name, e.g. ``../x``, is skipped naming its line) and ``split``
+(``train`` / ``val``; if any row gives one, rows without it train). ``phantom=N`` adds N demo
+subjects: A = the phantom's native truth, B = its simulated venous truth (perfectly paired).
 
 Geometry rule: after canonical RAS orientation, B must match A's grid (shape and affine within
 1e-3) or differ only in spacing: the same axis directions and the same world extent (voxel-edge
@@ -41,21 +42,26 @@ from ctray.data.build import (
     build_shards,
     hu_stats,
     phantom_sources,
+    subject_name_error,
 )
 from ctray.data.nifti import (
     HUWindow,
     NiftiError,
     Volume,
     canonical_ras,
-    is_nifti,
-    load_nifti,
-    nifti_stem,
     resample_like,
 )
 from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.data.phases import NATIVE_INDEX, SimulatorConfig, parse_phase, simulate_phases
-from ctray.data.shards import Manifest, sha256_file
+from ctray.data.shards import Manifest
 from ctray.data.slices import resize_slices
+from ctray.data.volumes import (
+    VOLUME_FORMATS,
+    is_volume,
+    load_volume,
+    volume_checksum,
+    volume_stem,
+)
 from ctray.metrics import LABEL_CLASSES
 
 PHANTOM_VERSION = "pix2pix-phantom-v1"
@@ -84,7 +90,7 @@ class Pix2PixDataOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class PairPaths:
-    """One A/B pair of NIfTI files."""
+    """One A/B pair of volumes (NIfTI files or DICOM series)."""
 
     subject: str
     a: Path
@@ -92,15 +98,15 @@ class PairPaths:
     split: str | None = None
 
 
-def _niftis(folder: Path, skipped: list[dict[str, str]]) -> dict[str, Path]:
+def _volumes(folder: Path, skipped: list[dict[str, str]]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file() and is_nifti(path):
-            found[nifti_stem(path)] = path
+        if is_volume(path):
+            found[volume_stem(path)] = path
         else:
-            skipped.append({"path": str(path), "reason": "not a NIfTI file (.nii or .nii.gz)"})
+            skipped.append({"path": str(path), "reason": f"not {VOLUME_FORMATS}"})
     return found
 
 
@@ -108,12 +114,12 @@ def match_folders(
     a_dir: Path, b_dir: Path, skipped: list[dict[str, str]], *, split: str | None = None
 ) -> list[PairPaths]:
     """Pairs of ``a_dir`` and ``b_dir`` matched by file name; the unmatched go to ``skipped``."""
-    a_files, b_files = _niftis(a_dir, skipped), _niftis(b_dir, skipped)
+    a_files, b_files = _volumes(a_dir, skipped), _volumes(b_dir, skipped)
     for name in sorted(set(a_files) - set(b_files)):
-        reason = f"no partner {name}.nii[.gz] in {b_dir.name}/ (pairs are matched by file name)"
+        reason = f"no partner {name} in {b_dir.name}/ (pairs are matched by name)"
         skipped.append({"path": str(a_files[name]), "reason": reason})
     for name in sorted(set(b_files) - set(a_files)):
-        reason = f"no partner {name}.nii[.gz] in {a_dir.name}/ (pairs are matched by file name)"
+        reason = f"no partner {name} in {a_dir.name}/ (pairs are matched by name)"
         skipped.append({"path": str(b_files[name]), "reason": reason})
     return [
         PairPaths(subject=n, a=a_files[n], b=b_files[n], split=split)
@@ -137,9 +143,14 @@ def read_pairs_csv(path: Path, skipped: list[dict[str, str]]) -> list[PairPaths]
             skipped.append({"path": a or b or str(path), "reason": f"line {i}: {which}"})
             continue
         pa, pb = (p if Path(p).is_absolute() else path.parent / p for p in (a, b))
-        subject = (row.get("subject") or "").strip() or nifti_stem(Path(pa))
+        subject = (row.get("subject") or "").strip() or volume_stem(Path(pa))
+        problem = subject_name_error(subject)
+        if problem is not None:  # it would become a shard file name: never a path elsewhere
+            reason = f"line {i}: subject {subject!r} {problem}"
+            skipped.append({"path": str(path), "reason": reason})
+            continue
         if subject in seen:
-            skipped.append({"path": str(pa), "reason": f"duplicate subject {subject!r}"})
+            skipped.append({"path": str(pa), "reason": f"line {i}: duplicate subject {subject!r}"})
             continue
         seen.add(subject)
         split = (row.get("split") or "").strip() or None
@@ -243,8 +254,8 @@ def slice_rows(
 
 def load_pair(pair: PairPaths) -> tuple[Volume, np.ndarray, bool]:
     """A (canonical RAS) and B on A's grid, and whether B was resampled; NiftiError if unusable."""
-    a, _ = canonical_ras(load_nifti(pair.a))
-    b, _ = canonical_ras(load_nifti(pair.b))
+    a, _ = canonical_ras(load_volume(pair.a))
+    b, _ = canonical_ras(load_volume(pair.b))
     b_arr, resampled = b_on_a_grid(a, b, str(pair.b))
     return a, b_arr, resampled
 
@@ -267,7 +278,7 @@ def _file_sources(
     sources = []
     for pair in pairs:
         try:
-            checks = {"a": sha256_file(pair.a), "b": sha256_file(pair.b)}
+            checks = {"a": volume_checksum(pair.a), "b": volume_checksum(pair.b)}
         except OSError as err:
             skipped.append({"path": str(err.filename or pair.a), "reason": f"cannot read ({err})"})
             continue

@@ -49,14 +49,18 @@ from ctray.data.nifti import (
     NiftiError,
     Volume,
     canonical_ras,
-    is_nifti,
-    load_nifti,
-    nifti_stem,
     resample_like,
 )
 from ctray.data.phantom import PhantomConfig, make_phantom
-from ctray.data.shards import Manifest, sha256_file
+from ctray.data.shards import Manifest
 from ctray.data.thick_slices import Profile, ThickSliceConfig, simulate_thick, thick_affine
+from ctray.data.volumes import (
+    VOLUME_FORMATS,
+    is_volume,
+    load_volume,
+    volume_checksum,
+    volume_stem,
+)
 
 PHANTOM_VERSION = "slice_ldm-phantom-v1"
 BODY_HU = -500.0
@@ -219,7 +223,7 @@ def check_hu(vol: Volume, path: Path) -> None:
 
 def load_thin_scan(path: Path, spacing: tuple[float, float, float], max_ratio: float) -> Volume:
     """A thin scan file in canonical RAS on the thin grid."""
-    ras, _ = canonical_ras(load_nifti(path))
+    ras, _ = canonical_ras(load_volume(path))
     return on_thin_grid(ras, path, spacing, max_ratio)
 
 
@@ -235,8 +239,8 @@ def paired_volumes(
         NiftiError: naming the file and the fix, for pairs that do not describe one region.
     """
     factor, thick_spacing = opts.factor, float(config.spacing[2])
-    thick, _ = canonical_ras(load_nifti(thick_path))
-    thin, _ = canonical_ras(load_nifti(thin_path))
+    thick, _ = canonical_ras(load_volume(thick_path))
+    thin, _ = canonical_ras(load_volume(thin_path))
     check_hu(thick, thick_path)
     if abs(thick.spacing[2] - thick_spacing) > 0.1 * thick_spacing:
         raise NiftiError(
@@ -281,7 +285,8 @@ def _z_gap(thick: Volume, grid: np.ndarray, slices: int) -> float:
 
 
 def find_inputs(root: Path, skipped: list[dict[str, str]]) -> tuple[list[Path], list[Path]]:
-    """Thin scans (``root/*.nii[.gz]``) and paired study folders (``root/*/thick+thin``)."""
+    """Thin scans (``root/*.nii[.gz]``, DICOM series folders or zips) and paired study
+    folders (``root/*/thick+thin``, each a NIfTI file or a DICOM series)."""
     if not root.is_dir():
         raise FileNotFoundError(
             f"{root}: input folder does not exist (expected thin scans *.nii.gz and/or "
@@ -291,28 +296,28 @@ def find_inputs(root: Path, skipped: list[dict[str, str]]) -> tuple[list[Path], 
     for path in sorted(root.iterdir()):
         if path.name.startswith("."):
             continue
-        if path.is_file() and is_nifti(path):
+        if is_volume(path):
             scans.append(path)
         elif path.is_dir():
-            names = {nifti_stem(p): p for p in path.iterdir() if p.is_file() and is_nifti(p)}
+            names = {volume_stem(p): p for p in path.iterdir() if is_volume(p)}
             missing = [n for n in PAIR_NAMES if n not in names]
             if missing:
                 skipped.append(
                     {
                         "path": str(path),
-                        "reason": f"a paired study needs thick.nii.gz and thin.nii.gz "
-                        f"(missing {', '.join(missing)})",
+                        "reason": "a paired study needs thick and thin, each "
+                        f"{VOLUME_FORMATS} (missing {', '.join(missing)})",
                     }
                 )
             else:
                 pairs.append(path)
         else:
-            skipped.append({"path": str(path), "reason": "not a NIfTI file or a study folder"})
+            skipped.append({"path": str(path), "reason": f"not {VOLUME_FORMATS} or a study folder"})
     return scans, pairs
 
 
 def _pair_file(folder: Path, name: str) -> Path:
-    return next(p for p in folder.iterdir() if is_nifti(p) and nifti_stem(p) == name)
+    return next(p for p in folder.iterdir() if is_volume(p) and volume_stem(p) == name)
 
 
 def _file_sources(
@@ -328,21 +333,17 @@ def _file_sources(
 
         def make(rng: np.random.Generator, split: str, scan: Path = scan):
             thin = load_thin_scan(scan, spacing, opts.max_source_spacing)
-            return simulated_rows(nifti_stem(scan), thin, opts=opts, config=config, rng=rng)
+            return simulated_rows(volume_stem(scan), thin, opts=opts, config=config, rng=rng)
 
         sources.append(
             SubjectSource(
-                subject=nifti_stem(scan),
+                subject=volume_stem(scan),
                 paths={"thin": str(scan)},
-                checksums={"thin": sha256_file(scan)},
+                checksums={"thin": volume_checksum(scan)},
                 make_rows=make,
             )
         )
-    names = {s.subject for s in sources}
-    for folder in pairs:
-        if folder.name in names:
-            skipped.append({"path": str(folder), "reason": f"duplicate subject {folder.name!r}"})
-            continue
+    for folder in pairs:  # a folder named like a scan is skipped as a duplicate by build_shards
         files = {n: _pair_file(folder, n) for n in PAIR_NAMES}
 
         def make_pair(rng: np.random.Generator, split: str, folder=folder, files=files):
@@ -356,7 +357,7 @@ def _file_sources(
             SubjectSource(
                 subject=folder.name,
                 paths={n: str(p) for n, p in files.items()},
-                checksums={n: sha256_file(p) for n, p in files.items()},
+                checksums={n: volume_checksum(p) for n, p in files.items()},
                 make_rows=make_pair,
             )
         )

@@ -59,12 +59,16 @@ from ctray.data.nifti import (
     Volume,
     canonical_ras,
     is_label_map,
-    is_nifti,
-    load_nifti,
-    nifti_stem,
 )
 from ctray.data.phantom import PhantomConfig, make_phantom
-from ctray.data.shards import Manifest, sha256_file
+from ctray.data.shards import Manifest
+from ctray.data.volumes import (
+    VOLUME_FORMATS,
+    is_volume,
+    load_volume,
+    volume_checksum,
+    volume_stem,
+)
 
 from .config import ViewSettings
 
@@ -338,8 +342,9 @@ def _view_file(folder: Path, name: str) -> Path | None:
 
 
 def _ct_file(folder: Path) -> Path | None:
-    for name in ("ct.nii.gz", "ct.nii"):
-        if (folder / name).is_file():
+    """The study's CT: ct.nii.gz, ct.nii, a DICOM series folder ct/ or ct.zip."""
+    for name in ("ct.nii.gz", "ct.nii", "ct", "ct.zip"):
+        if (folder / name).exists() and is_volume(folder / name):
             return folder / name
     return None
 
@@ -357,12 +362,13 @@ def find_inputs(
             continue
         if path.is_file() and is_label_map(path):
             skipped.append({"path": str(path), "reason": "an organ label map (*_seg), not a CT"})
-        elif path.is_file() and is_nifti(path):
-            cts.append((nifti_stem(path), path))
+        elif is_volume(path):
+            cts.append((volume_stem(path), path))
         elif path.is_dir():
             ct = _ct_file(path)
             if ct is None:
-                skipped.append({"path": str(path), "reason": "study folder without ct.nii[.gz]"})
+                reason = "study folder without a CT (ct.nii[.gz], a ct/ DICOM series or ct.zip)"
+                skipped.append({"path": str(path), "reason": reason})
                 continue
             found = {n: _view_file(path, n) for n in view_names}
             present = [n for n, p in found.items() if p is not None]
@@ -380,13 +386,13 @@ def find_inputs(
             else:
                 studies.append((path.name, ct, [found[n] for n in view_names]))  # type: ignore[misc]
         else:
-            skipped.append({"path": str(path), "reason": "not a NIfTI CT or a study folder"})
+            skipped.append({"path": str(path), "reason": f"not {VOLUME_FORMATS} or a study folder"})
     return cts, studies
 
 
 def _checksums(paths: dict[str, Path], skipped: list[dict[str, str]]) -> dict[str, str] | None:
     try:
-        return {k: sha256_file(p) for k, p in paths.items()}
+        return {k: volume_checksum(p) for k, p in paths.items()}
     except OSError as err:
         skipped.append({"path": str(err.filename), "reason": f"cannot read ({err})"})
         return None
@@ -403,7 +409,7 @@ def _file_sources(
             continue
 
         def make(rng: np.random.Generator, split: str, path: Path = path, subject: str = subject):
-            vol = load_nifti(path)
+            vol = load_volume(path)
             rows = ct_rows(subject, vol, plan, projector, rng)
             return rows, _stats(vol, rows, views="rendered")
 
@@ -425,7 +431,7 @@ def _file_sources(
             images: list[Path] = images,
             subject: str = subject,
         ):
-            vol = load_nifti(ct)
+            vol = load_volume(ct)
             try:
                 rows = study_rows(subject, vol, images, plan)
             except ValueError as err:
