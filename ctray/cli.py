@@ -75,6 +75,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from ctray.train.montage import display_window
+    from ctray.tune.html_report import write_report
+
+    if args.display_window:
+        display_window(args.display_window)
+    path = write_report(
+        args.run_dir,
+        out=args.out,
+        optuna_storage=args.optuna_storage,
+        display_window=args.display_window,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def _tune(args: argparse.Namespace, rest: list[str]) -> int:
     from ctray.experiment import run
 
@@ -94,10 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         dest="data_command", required=True
     )
     build = data.add_parser(
-        "build", help="NIfTI folder or phantom -> Parquet shards + manifest.json"
+        "build", help="folder of NIfTI / DICOM series, or phantom -> Parquet shards + manifest"
     )
     build.add_argument("--family", required=True, help=f"one of {', '.join(family_names())}")
-    build.add_argument("--input", help="folder of NIfTI inputs (layouts: see docs/data.md)")
+    build.add_argument(
+        "--input", help="folder of NIfTI files and/or DICOM series (layouts: see docs/data.md)"
+    )
     build.add_argument("--out", required=True, help="shard folder to create or update")
     build.add_argument("--seed", type=int, default=0)
     add_data_arguments(build, None)
@@ -119,6 +137,22 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-batches", type=int, help="stop after this many batches")
     ev.add_argument("--out", help="also write the metrics as JSON here")
     ev.set_defaults(func=_evaluate)
+
+    rep = sub.add_parser(
+        "report", help="(re)write report.html of a tune run: trials, curves, montage, data"
+    )
+    rep.add_argument(
+        "run_dir",
+        help="the run folder (<storage>/<experiment>); for a remote --storage, the export",
+    )
+    rep.add_argument("--out", help="write the report here (default: RUN_DIR/report.html)")
+    rep.add_argument(
+        "--optuna-storage", metavar="URL", help="the study's URL, if it holds a password"
+    )
+    rep.add_argument(
+        "--display-window", help="montage window: soft_tissue, lung, bone or LEVEL/WIDTH"
+    )
+    rep.set_defaults(func=_report)
 
     add_serve_commands(sub)
     return parser

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -57,6 +56,8 @@ class ExperimentDefaults:
     stage_epochs: tuple[tuple[str, int], ...] = ()
     # Per-stage trial counts, e.g. (("tokenizer", 4), ("maskgit", 2)).
     stage_samples: tuple[tuple[str, int], ...] = ()
+    # Display window of the montages (TensorBoard, report.html): soft_tissue, lung, bone, L/W.
+    display_window: str = "soft_tissue"
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, family: str | None) -> None:
@@ -168,6 +169,17 @@ def add_arguments(parser: argparse.ArgumentParser, family: str) -> None:
     )
     g.add_argument("--export", default="exported", help="folder the best model is exported into")
     g.add_argument(
+        "--optuna-storage",
+        metavar="URL",
+        help="Optuna storage (SQLAlchemy URL, e.g. postgresql://...) for the study, named like "
+        "the experiment; default: SQLite in the run folder (<storage>/<name>/optuna.db)",
+    )
+    g.add_argument(
+        "--display-window",
+        help="HU display window of the montages in TensorBoard and report.html: soft_tissue "
+        "(W400 L40), lung, bone or LEVEL/WIDTH (default: the family's, soft_tissue)",
+    )
+    g.add_argument(
         "--serve",
         action="store_true",
         help="after export, host the best model with Ray Serve (token: $CTRAY_SERVE_TOKEN)",
@@ -260,10 +272,18 @@ def run(
 
 def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) -> int:
     from ctray.session import init_ray
+    from ctray.train.montage import display_window
     from ctray.tune.runner import TuneSettings, default_name, latest_experiment
 
     started = time.perf_counter()
     spec = get_family(family)
+    serving = None
+    if args.serve:  # checked now, not after the tune (a bad token must not cost a search)
+        from ctray.serve.config import ServeConfig, token_from
+
+        serving = ServeConfig(
+            models=Path(args.export), port=args.serve_port, token=token_from(None)
+        )
     space = load_search_space(args.search_space)
     if space.family != family:
         raise ConfigError(f"{space.source} is a {space.family!r} search space, not {family!r}")
@@ -275,6 +295,8 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
     )
+    window = args.display_window or defaults.display_window
+    display_window(window)  # a bad value fails now, not in every trial
     settings = TuneSettings(
         num_samples=args.num_samples or defaults.num_samples,
         epochs=args.epochs or defaults.epochs,
@@ -286,6 +308,7 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         accumulate=args.accumulate,
         grad_clip=args.grad_clip,
         val_every=args.val_every,
+        display_window=window,
     )
     stage_arg = getattr(args, "stage", None)
     stages = spec.stage_names() if stage_arg in (None, "all") else [stage_arg]
@@ -298,6 +321,8 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         if not name:
             raise FileNotFoundError(f"{args.storage}: no {family} experiment to resume")
     name = name or default_name(family)
+    if args.resume:
+        _check_resumable(args, spec, name, stages)
     data_dir = prepare_data(args, family, defaults)
     init_ray(args.address)
     path = None
@@ -318,15 +343,37 @@ def _run(family: str, args: argparse.Namespace, defaults: ExperimentDefaults) ->
         init_from = str(path)
     print(f"serve it with: ctray serve --models {Path(args.export)}")
     print(f"total wall time: {time.perf_counter() - started:.0f} s")
-    if args.serve:
-        from ctray.serve.config import TOKEN_ENV, ServeConfig
+    if serving is not None:
         from ctray.serve.server import serve_forever
 
-        token = os.environ.get(TOKEN_ENV) or None
-        return serve_forever(
-            ServeConfig(models=path, port=args.serve_port, token=token), address=args.address
-        )
+        return serve_forever(dataclasses.replace(serving, models=path), address=args.address)
     return 0
+
+
+def _stage_run(
+    args: argparse.Namespace, spec: Any, name: str, stage: str
+) -> tuple[str, Path, bool]:
+    """A stage's Tune run name, its export path, and whether --resume reuses that export.
+
+    A staged family's earlier stages export to ``EXPORT/<name>-<stage>``; the last stage (the
+    servable model) to ``EXPORT/<name>``. With --resume, an earlier stage already exported is
+    reused, not re-run.
+    """
+    final = stage == spec.final.name
+    run_name = f"{name}-{stage}" if len(spec.stages) > 1 else name
+    out = Path(args.export) / (name if final else run_name)
+    return run_name, out, bool(args.resume and not final and (out / "model.json").is_file())
+
+
+def _check_resumable(args: argparse.Namespace, spec: Any, name: str, stages: list[str]) -> None:
+    """Refuse a damaged experiment state before any data is built or Ray is started."""
+    from ctray.tune.runner import check_experiment_state
+
+    for stage in stages:
+        run_name, _, reused = _stage_run(args, spec, name, stage)
+        run = Path(args.storage) / run_name
+        if not reused and run.exists():
+            check_experiment_state(str(run))
 
 
 def _tune_stage(
@@ -341,24 +388,28 @@ def _tune_stage(
     resources: Resources,
     init_from: str | None,
 ) -> Path:
-    """Tune one stage and export its best trial; returns the export's path.
-
-    A staged family's earlier stages export to ``EXPORT/<name>-<stage>``; the last stage (the
-    servable model) to ``EXPORT/<name>``. With --resume, an earlier stage already exported is
-    reused, not re-run.
-    """
+    """Tune one stage and export its best trial (see :func:`_stage_run`); returns its path."""
     from ctray.tune.export import PARETO_FILE, export_best, format_pareto, report_files
     from ctray.tune.runner import format_table, run_tune, summary_rows
 
-    final = stage == spec.final.name
     staged = len(spec.stages) > 1
-    run_name = f"{name}-{stage}" if staged else name
-    out = Path(args.export) / (name if final else run_name)
-    if args.resume and not final and (out / "model.json").is_file():
+    run_name, out, reused = _stage_run(args, spec, name, stage)
+    if reused:
         print(f"stage {stage}: reusing its export {out}", flush=True)
         return out
     storage_run = Path(args.storage) / run_name
     resume = args.resume and storage_run.exists()
+    record, study_url = _begin_record(
+        args,
+        spec=spec,
+        stage=stage,
+        run_name=run_name,
+        resume=resume,
+        data_dir=data_dir,
+        settings=settings,
+        resources=resources,
+        init_from=init_from,
+    )
     print(
         f"tuning {spec.name}{f' stage {stage}' if staged else ''}: experiment {run_name}, "
         f"{settings.num_samples} trials x {settings.epochs} epochs, "
@@ -376,6 +427,7 @@ def _tune_stage(
         resume=resume,
         stage=stage,
         init_from=init_from,
+        optuna_storage=None if resume else study_url,
     )
     print("\ntrials (best first):")
     print(format_table(summary_rows(grid, spec.name, stage)))
@@ -392,4 +444,69 @@ def _tune_stage(
         val = {k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}
         print(f"best validation metrics: {val}")
     print(f"exported best {stage} model to {path}", flush=True)
+    _publish_report(args, record, run_name=run_name, export=path, metrics=metrics, study=study_url)
     return path
+
+
+def _begin_record(
+    args: argparse.Namespace,
+    *,
+    spec: Any,
+    stage: str,
+    run_name: str,
+    resume: bool,
+    data_dir: Path,
+    settings: Any,
+    resources: Resources,
+    init_from: str | None,
+) -> tuple[dict[str, Any], str | None]:
+    """The run record of a stage (ctray.tune.run_record) and the Optuna study's URL: the
+    --optuna-storage URL, else an SQLite file in a local run folder, else (remote storage)
+    None, an in-memory study."""
+    from ctray.tune.run_record import begin_record, local_run_dir
+    from ctray.tune.study import default_storage_url, redact
+
+    run_dir = local_run_dir(args.storage, run_name)
+    url = args.optuna_storage or (default_storage_url(run_dir) if run_dir else None)
+    if url is None:
+        print("Optuna study: in memory (give --optuna-storage URL to keep it)", flush=True)
+    elif not resume:
+        print(f"Optuna study {run_name!r} in {redact(url)}", flush=True)
+    record = begin_record(
+        run_dir,
+        resume=resume,
+        family=spec.name,
+        stage=stage,
+        experiment=run_name,
+        run_path=str(run_dir) if run_dir else f"{args.storage.rstrip('/')}/{run_name}",
+        data_dir=str(Path(data_dir).resolve()),
+        init_from=init_from,
+        settings=dataclasses.asdict(settings),
+        resources=dataclasses.asdict(resources),
+        display_window=settings.display_window,
+        optuna={"storage": redact(url) if url else None, "study_name": run_name},
+    )
+    # A resumed run keeps its study (Tune restores the searcher with its storage).
+    return record, args.optuna_storage or record.get("optuna", {}).get("storage")
+
+
+def _publish_report(
+    args: argparse.Namespace,
+    record: dict[str, Any],
+    *,
+    run_name: str,
+    export: Path,
+    metrics: dict[str, Any],
+    study: str | None,
+) -> None:
+    """Write report.html into the run folder (or, for a remote storage, the export) and a
+    copy beside the exported model."""
+    from ctray.tune.html_report import publish_report
+    from ctray.tune.run_record import finish_session, local_run_dir
+
+    record = finish_session(
+        record, export=str(export.absolute()), best_trial=metrics.get("trial_id")
+    )
+    home = local_run_dir(args.storage, run_name) or export
+    path = publish_report(record, home, export=export, optuna_storage=study)
+    print(f"report: {path} (regenerate: ctray report {home})", flush=True)

@@ -50,17 +50,22 @@ def format_baseline_report(rows: Sequence[Mapping[str, Any]], baselines: Sequenc
     head = ["group", "metric", "model", *baselines, f"model/{baselines[0]}"]
     body = []
     for r in rows:
-        first = r.get(baselines[0])
-        ratio = r["model"] / first if first and math.isfinite(first) and first != 0 else math.nan
-        cells = [_num(r["model"]), *(_num(r.get(b)) for b in baselines), _num(ratio)]
-        body.append([r["group"], r["metric"], *cells])
+        cells = [r["model"], *(r.get(b) for b in baselines), ratio(r, baselines[0])]
+        body.append([r["group"], r["metric"], *map(number, cells)])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(head, widths, strict=True))]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _num(v: Any) -> str:
+def ratio(row: Mapping[str, Any], baseline: str) -> float:
+    """The model's value over ``baseline``'s in a row; NaN where that is undefined."""
+    first = row.get(baseline)
+    return row["model"] / first if first and math.isfinite(first) else math.nan
+
+
+def number(v: Any) -> str:
+    """4 significant digits; ``-`` for a missing or non-finite value."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.4g}"

@@ -7,27 +7,43 @@ driver function that builds a TorchTrainer and forwards its reports to Tune thro
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import logging
 import math
+import pickletools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.data
 from ray import tune
 from ray.tune import ResultGrid
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from ctray.config import field_names, from_dict
 from ctray.data.shards import load_manifest
 from ctray.modeldir import read_meta
 from ctray.registry import FamilySpec, Stage, get_family
 from ctray.train.loop import LoopConfig
-from ctray.train.trainer import Resources, datasets, make_trainer
+from ctray.train.trainer import (
+    MATERIALIZE_SHARE,
+    Resources,
+    choose_data_path,
+    column_bytes,
+    datasets,
+    make_trainer,
+    object_store_bytes,
+)
 from ctray.tune.search_space import SearchSpace
+from ctray.tune.study import StudySearch, check_new_study, open_storage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +60,9 @@ class TuneSettings:
         max_failures: Train-level retries of a failed worker group (resumes from checkpoint).
         trial_cpus: CPU slots of each trial's driver function (it only waits on its trainer).
         accumulate / grad_clip / val_every: loop settings; None takes the stage's default.
+        display_window: TensorBoard montages' display window (see ctray.train.montage).
+        materialize_share: the shards are read once into the object store when their columns
+            take at most this share of it, and streamed from Parquet every epoch otherwise.
     """
 
     num_samples: int = 4
@@ -60,6 +79,8 @@ class TuneSettings:
     accumulate: int | None = None
     grad_clip: float | None = None
     val_every: int | None = None
+    display_window: str = "soft_tissue"
+    materialize_share: float = MATERIALIZE_SHARE
 
 
 def metric_name(family: str, stage: str | None = None) -> str:
@@ -79,6 +100,17 @@ def grace_epochs(stage: Stage, base_config: Any, settings: TuneSettings) -> int:
     """Epochs before ASHA may stop a trial: the stage's warm-up plus ``grace_period`` epochs of
     real training (a trial judged during a pre-training phase is judged on nothing)."""
     return min(stage.warmup_epochs(base_config) + settings.grace_period, settings.epochs)
+
+
+def asha_args(stage: Stage, base_config: Any, settings: TuneSettings) -> dict[str, Any]:
+    """ASHAScheduler's settings of every search (``benchmarks/bench_hpo.py`` measures them):
+    progress counted in reported epochs, judged first after :func:`grace_epochs`."""
+    return {
+        "time_attr": "epochs_done",
+        "max_t": settings.epochs,
+        "grace_period": grace_epochs(stage, base_config, settings),
+        "reduction_factor": settings.reduction_factor,
+    }
 
 
 def loop_settings(trained: Stage, settings: TuneSettings, **fixed: Any) -> dict[str, Any]:
@@ -141,11 +173,14 @@ def run_tune(
     resume: bool = False,
     stage: str | None = None,
     init_from: str | Path | None = None,
+    optuna_storage: str | None = None,
 ) -> ResultGrid:
     """Run (or resume) a search of one stage; returns Tune's ResultGrid.
 
     A stage after the first trains on the frozen modules of ``init_from`` (an export of the
     stage before it), whose family config fixes every setting the search does not sample.
+    ``optuna_storage`` (an RDB URL) keeps the Optuna study there as study ``name`` (see
+    ctray.tune.study; None: in memory); a resumed search keeps the study it started with.
     """
     spec = space.spec
     trained = spec.stage(stage) if stage else spec.stage(None)
@@ -171,7 +206,13 @@ def run_tune(
             "or rebuild the shards with other --option values"
         )
     base = {**base, **bound}
-    prepared = datasets(spec, data_dir, manifest, materialize=True, seed=settings.seed)
+    data_path = choose_data_path(
+        column_bytes(manifest, spec.columns), object_store_bytes(), settings.materialize_share
+    )
+    log.info("%s: %s", data_dir, data_path.describe())
+    prepared = datasets(
+        spec, data_dir, manifest, materialize=data_path.materialize, seed=settings.seed
+    )
     loop = loop_settings(
         trained,
         settings,
@@ -183,6 +224,7 @@ def run_tune(
         seed=settings.seed,
         max_train_batches=settings.max_train_batches,
         max_val_batches=settings.max_val_batches,
+        display_window=settings.display_window,
     )
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -202,6 +244,7 @@ def run_tune(
     if resume:
         if not tune.Tuner.can_restore(path):
             raise FileNotFoundError(f"{path}: no experiment to resume")
+        check_experiment_state(path)
         tuner = tune.Tuner.restore(
             path, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
@@ -209,27 +252,31 @@ def run_tune(
     metric = f"val/{trained.metric}"
     points = {"points_to_evaluate": space.points} if space.points else {}
     base_cfg = from_dict(spec.config_cls, base, where="search space base")
-    scheduler_args: dict[str, Any] = {
-        "time_attr": "epochs_done",
-        "max_t": settings.epochs,
-        "grace_period": grace_epochs(trained, base_cfg, settings),
-        "reduction_factor": settings.reduction_factor,
-    }
+    scheduler_args = asha_args(trained, base_cfg, settings)
+    # Trials that stop before max_t were stopped by ASHA: the study records them as pruned.
+    study: dict[str, Any] = {k: scheduler_args[k] for k in ("time_attr", "max_t")}
+    if optuna_storage:
+        rdb = open_storage(optuna_storage)
+        check_new_study(rdb, name, optuna_storage)
+        study.update(storage=rdb, study_name=name)
     if trained.objectives:
         # Multi-objective: Optuna gets every objective (its TPE sampler handles several);
         # metric/mode then go to the scheduler itself, not to TuneConfig (Ray refuses both a
         # searcher and TuneConfig setting them), and ASHA stops trials on the primary one.
         objectives = [(metric, trained.mode)] + [(f"val/{m}", md) for m, md in trained.objectives]
-        searcher = OptunaSearch(
+        searcher = StudySearch(
             metric=[m for m, _ in objectives],
             mode=[md for _, md in objectives],
             seed=settings.seed,
             **points,
+            **study,
         )
         scheduler = ASHAScheduler(metric=metric, mode=trained.mode, **scheduler_args)
         target: dict[str, Any] = {}
     else:
-        searcher = OptunaSearch(metric=metric, mode=trained.mode, seed=settings.seed, **points)
+        searcher = StudySearch(
+            metric=metric, mode=trained.mode, seed=settings.seed, **points, **study
+        )
         scheduler = ASHAScheduler(**scheduler_args)
         target = {"metric": metric, "mode": trained.mode}
     tuner = tune.Tuner(
@@ -312,4 +359,113 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = {k: max(len(k), *(len(cell(r.get(k, ""))) for r in rows)) for k in keys}
     lines = ["  ".join(k.ljust(widths[k]) for k in keys)]
     lines += ["  ".join(cell(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
+    return "\n".join(lines)
+
+
+class ExperimentStateError(ValueError):
+    """A Tune experiment folder whose saved state cannot be read back, so it cannot resume."""
+
+
+# What Tuner.restore reads (Ray 2.60's names; search_gen_state is a pickle despite its
+# suffix): the newest file of each pattern, by name, as Ray picks it. Every Tune session (a
+# run, each resume) writes the last three anew, named by the session's start time.
+STATE_FILES = (
+    ("tuner.pkl", "pickle"),
+    ("experiment_state-*.json", "json"),
+    ("searcher-state-*.pkl", "pickle"),
+    ("search_gen_state-*.json", "pickle"),
+)
+SESSION_FILES = STATE_FILES[1:]
+
+
+def _damage(data: bytes, kind: str) -> str | None:
+    """Why ``data`` is not a whole file of ``kind`` (None: it is). Pickles are only walked
+    opcode by opcode (pickletools), never loaded, so checking runs no code."""
+    if not data.strip():
+        return "empty"
+    try:
+        if kind == "json":
+            json.loads(data)
+        else:
+            for _ in pickletools.genops(data):
+                pass
+    except ValueError as err:  # JSONDecodeError and truncated pickles are ValueErrors
+        return f"truncated or corrupted ({err})"
+    return None
+
+
+def _session(name: str, pattern: str) -> str:
+    """The session (start time) in the name of a state file of ``pattern``."""
+    head, tail = pattern.split("*")
+    return name[len(head) : len(name) - len(tail)]
+
+
+def check_experiment_state(path: str) -> None:
+    """Read back every file ``Tuner.restore`` needs from the experiment folder ``path``.
+
+    Ray fails on a damaged one with a bare ``EOFError`` or ``JSONDecodeError`` (e.g. an empty
+    tuner.pkl after a crash: ray-project/ray#58179); this names the file and the ways forward.
+
+    Raises:
+        ExperimentStateError: a state file is missing, empty, truncated or corrupted.
+    """
+    fs, root = pyarrow.fs.FileSystem.from_uri(_storage(path))
+    names = sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(root)))
+
+    def damage(name: str, kind: str) -> str | None:
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            return _damage(f.readall(), kind)
+
+    for pattern, kind in STATE_FILES:
+        matching = [n for n in names if fnmatch.fnmatch(n, pattern)]
+        found = damage(matching[-1], kind) if matching else "missing"
+        if found is not None:
+            file = f"{root}/{matching[-1] if matching else pattern}"
+            earlier = _earlier_session(names, damage) if pattern != "tuner.pkl" else None
+            raise ExperimentStateError(_way_forward(path, file, found, earlier))
+
+
+def _earlier_session(
+    names: list[str], damage: Callable[[str, str], str | None]
+) -> tuple[str, list[str]] | None:
+    """The session before the last and the last one's files, if that earlier session's state
+    files are all there and whole (Tune can then resume from them)."""
+
+    def files(session: str) -> list[tuple[str, str]]:
+        return [
+            (n, kind)
+            for pattern, kind in SESSION_FILES
+            for n in names
+            if fnmatch.fnmatch(n, pattern) and _session(n, pattern) == session
+        ]
+
+    pattern = SESSION_FILES[0][0]
+    sessions = sorted({_session(n, pattern) for n in names if fnmatch.fnmatch(n, pattern)})
+    if len(sessions) < 2:
+        return None
+    earlier = files(sessions[-2])
+    if len(earlier) != len(SESSION_FILES) or any(damage(n, k) for n, k in earlier):
+        return None
+    return sessions[-2], [n for n, _ in files(sessions[-1])]
+
+
+def _way_forward(run: str, file: str, problem: str, earlier: tuple[str, list[str]] | None) -> str:
+    lines = [
+        f"cannot resume {run}: {file} is {problem}, and Ray Tune restores an experiment from it.",
+        f"  start again: rerun without --resume under another --name (or remove {run});",
+    ]
+    if earlier:
+        session, latest = earlier
+        lines.append(
+            f"  or resume from the trial checkpoints: move the last session's files "
+            f"({', '.join(latest)}) out of {run} and rerun with --resume; Tune then restores "
+            f"the search as its session {session} saved it, and every unfinished trial "
+            f"continues from its own latest checkpoint in {run}-train/."
+        )
+    else:
+        lines.append(
+            f"  the trials' own checkpoints stay in {run}-train/<trial>/checkpoint_*/ "
+            "(state.pt, train_config.json), but Tune cannot continue this search: there is no "
+            "earlier intact copy of its state."
+        )
     return "\n".join(lines)
