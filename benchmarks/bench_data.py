@@ -4,12 +4,14 @@ Three ways to feed a training loop with batches of ``B`` (source, target) patch 
 ``P^3`` float32 voxels, all from the same clinical-size phantoms (256x256x128 voxels at
 1.5x1.5x2.5 mm, resampled to the shard spacing):
 
-(a) Ray Data exactly as the train workers read it: ``ctray.train.trainer.read_shards(files,
-    COLUMNS)`` (V1 Parquet reader, ``override_num_blocks``, ``select_columns``) and one
-    ``iter_torch_batches(batch_size=B)`` pass per epoch, streaming from Parquet every epoch
-    (the headline). Also measured: the same dataset materialized once (as ``ctray.tune``
-    does), Ray 2.60's defaults (V2 Parquet datasource) for comparison, and the iteration
-    variants in ``VARIANTS``.
+(a) Ray Data exactly as a Ray Train worker reads the train split: the dataset built once by
+    ``ctray.train.trainer.read_shards(files, COLUMNS, shuffle_seed=0)`` (V1 Parquet reader,
+    columns pushed into the reader, seeded file order), split with ``streaming_split(1)`` as
+    Ray Train does for one worker, one ``iter_torch_batches(batch_size=B)`` pass per epoch,
+    streaming from Parquet every epoch (the headline). Also measured: the path before this
+    benchmark's fixes, the dataset rebuilt every epoch, the shards materialized once (as
+    ``ctray.tune`` does when they fit), Ray 2.60's defaults (V2 Parquet datasource) and the
+    iteration variants in ``VARIANTS``.
 (b) the seeds' way: every sample decodes two ``.nii.gz`` volumes and runs MONAI
     ``LoadImaged -> EnsureChannelFirstd -> Orientationd -> Spacingd -> ScaleIntensityRanged
     -> RandSpatialCropd``; samples come from a ``torch.utils.data.DataLoader`` with one worker
@@ -19,14 +21,16 @@ Three ways to feed a training loop with batches of ``B`` (source, target) patch 
 
 The methods are interleaved: timed repeat ``r`` runs one epoch of every method in turn before
 repeat ``r + 1`` starts, so a load that drifts during the run hits all of them alike; every
-figure is the median over the repeats.
+figure is the median over the repeats. Beside patches/s, each epoch's CPU seconds are counted
+(pyarrow: this process; the others: this process tree, i.e. the whole local Ray session):
+they depend much less than wall time on how busy a shared machine is.
 
 Usage::
 
     python benchmarks/bench_data.py [--quick] [--patch 64] [--batch 8] [--patches N]
                                     [--repeats R] [--doc docs/benchmarks.md | --no-doc]
 
-The last line printed is ``RESULT ray_vs_nifti=<a/b> ray_vs_arrow=<a/c>``.
+The last line printed is ``RESULT data_stream_vs_arrow=<a/c> ray_vs_nifti=<a/b>``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import math
 import multiprocessing
 import os
-import platform
-import re
 import shutil
 import statistics
 import sys
@@ -55,13 +58,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from bench_common import DOC, load_average, load_note, machine, tree_cpu_seconds, write_doc
 
 from ctray.data.build import crop, prepare
 from ctray.data.nifti import HUWindow, Volume, save_nifti
 from ctray.data.phantom import PhantomConfig, make_phantom
 from ctray.data.shards import rows_to_table, write_table_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 DOC_HEADING = "## Data loading (bench_data.py)"
 CLINICAL_SHAPE = (256, 256, 128)
 CLINICAL_SPACING = (1.5, 1.5, 2.5)
@@ -122,16 +125,21 @@ class Subject:
 
 @dataclass(kw_only=True)
 class Measurement:
-    """Patches per second of one method over its timed repeats."""
+    """Patches per second and CPU milliseconds per patch of one method over its repeats."""
 
     method: str
     rates: list[float]
     patches: int
+    cpu_ms: list[float] = field(default_factory=list)
     note: str = ""
 
     @property
     def median(self) -> float:
         return statistics.median(self.rates)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else math.nan
 
     @property
     def epoch_s(self) -> float:
@@ -141,7 +149,8 @@ class Measurement:
     def row(self) -> str:
         return (
             f"| {self.method} | {self.median:,.1f} | {min(self.rates):,.1f} | "
-            f"{max(self.rates):,.1f} | {len(self.rates)} | {self.patches} | {self.note} |"
+            f"{max(self.rates):,.1f} | {self.cpu_median:,.1f} | {len(self.rates)} | "
+            f"{self.patches} | {self.note} |"
         )
 
 
@@ -156,6 +165,8 @@ class Method:
         patches: patches per epoch.
         note: table note.
         warm_up: run one untimed epoch before the timed rounds.
+        cpu_clock: CPU seconds so far of what the method runs on (this process, or the
+            process tree with the Ray session and the DataLoader workers).
     """
 
     name: str
@@ -164,17 +175,26 @@ class Method:
     patches: int
     note: str = ""
     warm_up: bool = True
+    cpu_clock: Callable[[], float] = tree_cpu_seconds
     rates: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
 
     def timed_epoch(self) -> float:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), self.cpu_clock()
         count = self.epoch()
         rate = count / (time.perf_counter() - start)
+        self.cpu_ms.append(1000 * (self.cpu_clock() - cpu) / count)
         self.rates.append(rate)
         return rate
 
     def measurement(self) -> Measurement:
-        return Measurement(method=self.name, rates=self.rates, patches=self.patches, note=self.note)
+        return Measurement(
+            method=self.name,
+            rates=self.rates,
+            patches=self.patches,
+            cpu_ms=self.cpu_ms,
+            note=self.note,
+        )
 
 
 # --------------------------------------------------------------------------- data
@@ -336,6 +356,8 @@ def arrow_epoch(files: Sequence[str], batch: int) -> int:
 
 # --------------------------------------------------------------------------- (a) Ray Data
 
+SHUFFLE_SEED = 0
+
 
 @dataclass(frozen=True, kw_only=True)
 class RayMethod:
@@ -343,8 +365,13 @@ class RayMethod:
 
     Attributes:
         name: table label.
-        v2: read with Ray 2.60's defaults (``use_datasource_v2 = True``, plain
-            ``read_parquet``) instead of ``ctray.train.trainer.read_shards``.
+        build: ``"ctray"`` (``read_shards`` with the train split's seeded file order),
+            ``"before"`` (the reader before this benchmark's fixes: ``select_columns`` after
+            ``read_parquet``, ``randomize_block_order`` on the stream) or ``"v2"`` (Ray 2.60's
+            defaults: ``use_datasource_v2 = True``, plain ``read_parquet``).
+        per_epoch: build the dataset anew every epoch (timed) instead of once (untimed, as
+            ``make_trainer`` and ``run_tune`` do).
+        split: iterate ``streaming_split(1)[0]``, as Ray Train hands one worker its shard.
         materialize: ``.materialize()`` once, then time iterations over the object store.
         batch_format: ``"torch"`` uses ``iter_torch_batches``; ``"pyarrow"`` uses
             ``iter_batches`` and converts with ``to_numpy_ndarray`` + ``torch.from_numpy``.
@@ -353,7 +380,9 @@ class RayMethod:
     """
 
     name: str
-    v2: bool = False
+    build: str = "ctray"
+    per_epoch: bool = False
+    split: bool = True
     materialize: bool = False
     batch_format: str = "torch"
     iterate: dict[str, Any] = field(default_factory=dict)
@@ -377,27 +406,49 @@ def footer_actors() -> int:
 
 
 STREAM = RayMethod(
-    name="ray stream, as ctray.train (read_shards)",
-    note=f"headline a: read_shards per epoch (V1 reader, override_num_blocks={_read_blocks()})",
+    name="ray stream, as a ctray.train worker",
+    note="headline a: read_shards once (columns in the reader, seeded file order), "
+    "streaming_split(1), Parquet read every epoch",
+)
+BEFORE = RayMethod(
+    name="ray stream, before: select_columns, rebuilt every epoch",
+    build="before",
+    per_epoch=True,
+    split=False,
+    note="the earlier headline (0.65-0.81 of c): its dataset creation samples every column",
+)
+BEFORE_TRAIN = RayMethod(
+    name="ray stream, before: as ctray.train was",
+    build="before",
+    note="select_columns + randomize_block_order (a barrier: a whole epoch in the object "
+    "store before the first batch), streaming_split(1)",
+)
+REBUILT = RayMethod(
+    name="ray stream, read_shards rebuilt every epoch",
+    per_epoch=True,
+    split=False,
+    note="dataset creation (a sampling read) timed in every epoch",
 )
 MATERIALIZED = RayMethod(
     name="ray materialized, read_shards().materialize()",
     materialize=True,
-    note="as ctray.tune (epochs after the first)",
+    note="as ctray.tune when the shards fit (epochs after the first)",
 )
 V2_DEFAULTS = RayMethod(
     name="ray stream, Ray 2.60 defaults (V2 reader)",
-    v2=True,
-    note=f"before the fix: use_datasource_v2=True, {footer_actors()} footer actors per epoch",
+    build="v2",
+    per_epoch=True,
+    split=False,
+    note=f"use_datasource_v2=True, {footer_actors()} footer actors per epoch",
 )
 VARIANTS = (
     RayMethod(
-        name="ray stream, read_shards + prefetch_batches=4",
+        name="ray stream, as ctray.train + prefetch_batches=4",
         iterate={"prefetch_batches": 4},
         note="default prefetch_batches=1",
     ),
     RayMethod(
-        name="ray stream, read_shards, iter_batches pyarrow",
+        name="ray stream, as ctray.train, iter_batches pyarrow",
         batch_format="pyarrow",
         note="to_numpy_ndarray + torch.from_numpy, no copy",
     ),
@@ -419,24 +470,32 @@ def datasource_v2(enabled: bool) -> Iterator[None]:
 
 
 def ray_dataset(files: Sequence[str], method: RayMethod) -> Any:
-    """The trainer's dataset (``read_shards``) or, for ``v2``, Ray 2.60's plain defaults."""
+    """The dataset of a method (lazy: every iteration reads the shards again)."""
     import ray
 
-    from ctray.train.trainer import read_shards
+    from ctray.train.trainer import READ_BLOCKS, read_shards
 
-    if method.v2:  # read_shards would switch the V1 reader back on
+    if method.build == "v2":  # read_shards would switch the V1 reader back on
         return ray.data.read_parquet(list(files)).select_columns(list(COLUMNS))
-    return read_shards(list(files), COLUMNS)
+    if method.build == "before":
+        blocks = max(len(files), READ_BLOCKS)
+        ds = ray.data.read_parquet(list(files), override_num_blocks=blocks)
+        ds = ds.select_columns(list(COLUMNS))
+        return ds if method.per_epoch else ds.randomize_block_order(seed=SHUFFLE_SEED)
+    if method.materialize:
+        ds = read_shards(list(files), COLUMNS).materialize()
+        return ds.randomize_block_order(seed=SHUFFLE_SEED)
+    return read_shards(list(files), COLUMNS, shuffle_seed=SHUFFLE_SEED)
 
 
-def ray_epoch(dataset: Any, method: RayMethod, batch: int) -> int:
-    """Iterate one epoch of torch batches and count the patches."""
+def ray_epoch(source: Any, method: RayMethod, batch: int) -> int:
+    """Iterate one epoch of torch batches from a dataset or split iterator; count the patches."""
     count = 0
     if method.batch_format == "torch":
-        for b in dataset.iter_torch_batches(batch_size=batch, **method.iterate):
+        for b in source.iter_torch_batches(batch_size=batch, **method.iterate):
             count += _batch_size(b)
         return count
-    batches = dataset.iter_batches(
+    batches = source.iter_batches(
         batch_size=batch, batch_format=method.batch_format, **method.iterate
     )
     for b in batches:
@@ -445,20 +504,22 @@ def ray_epoch(dataset: Any, method: RayMethod, batch: int) -> int:
 
 
 def ray_method(files: Sequence[str], method: RayMethod, settings: Settings) -> Method:
-    """A timed method for one Ray Data setting; a materialized one is read here, once."""
+    """A timed method for one Ray Data setting; a dataset built once is built here."""
     note = method.note
-    if method.materialize:
-        start = time.perf_counter()
-        dataset = ray_dataset(files, method).materialize()
-        note = f"{note}; materialize() {time.perf_counter() - start:.1f}s"
+    if method.per_epoch:
 
         def epoch() -> int:
-            return ray_epoch(dataset, method, settings.batch)
-    else:
-
-        def epoch() -> int:
-            with datasource_v2(True) if method.v2 else nullcontext():
+            with datasource_v2(True) if method.build == "v2" else nullcontext():
                 return ray_epoch(ray_dataset(files, method), method, settings.batch)
+    else:
+        start = time.perf_counter()
+        dataset = ray_dataset(files, method)
+        source = dataset.streaming_split(1, equal=True)[0] if method.split else dataset
+        label = "materialize()" if method.materialize else "dataset creation"
+        note = f"{note}; {label} {time.perf_counter() - start:.1f}s once"
+
+        def epoch() -> int:
+            return ray_epoch(source, method, settings.batch)
 
     return Method(
         name=method.name,
@@ -512,41 +573,17 @@ def run_rounds(methods: Sequence[Method]) -> None:
 
 def table(results: Sequence[Measurement]) -> str:
     head = (
-        "| method | patches/s (median) | min | max | repeats | patches/epoch | notes |\n"
-        "|---|---:|---:|---:|---:|---:|---|"
+        "| method | patches/s (median) | min | max | CPU ms/patch | repeats | patches/epoch "
+        "| notes |\n|---|---:|---:|---:|---:|---:|---:|---|"
     )
     return "\n".join([head, *(m.row() for m in results)])
 
 
 def result_line(ray: Measurement, nifti: Measurement, arrow: Measurement) -> str:
     return (
-        f"RESULT ray_vs_nifti={ray.median / nifti.median:.2f} "
-        f"ray_vs_arrow={ray.median / arrow.median:.2f}"
+        f"RESULT data_stream_vs_arrow={ray.median / arrow.median:.2f} "
+        f"ray_vs_nifti={ray.median / nifti.median:.2f}"
     )
-
-
-def machine() -> str:
-    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    import ray
-
-    return (
-        f"{platform.machine()}, nproc={os.cpu_count()}, {gib:.0f} GiB RAM, "
-        f"Python {platform.python_version()}, ray {ray.__version__}, "
-        f"pyarrow {pa.__version__}, torch {torch.__version__}"
-    )
-
-
-def write_doc(path: Path, section: str) -> None:
-    """Replace (or append) the ``DOC_HEADING`` section of ``path``, leaving the rest alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(DOC_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    block = section.rstrip() + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip() + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip() + "\n")
 
 
 def by_name(results: Sequence[Measurement], method: RayMethod) -> Measurement | None:
@@ -577,61 +614,61 @@ def analysis(
     ]
     head = by_name(results, STREAM)
     assert head is not None
-    lines += ["", "What limits Ray Data here:", ""]
+    lines += ["", "What costs Ray Data time here:", ""]
+    lines.append(
+        f"- CPU per patch: the headline {head.cpu_median:.1f} ms (the whole Ray session: read "
+        f"tasks, object store, split coordinator, daemons) against pyarrow's "
+        f"{arrow.cpu_median:.1f} ms in one process; on {os.cpu_count()} cores Ray's read tasks "
+        "decode in parallel with the consumer, pyarrow decodes in the consumer."
+    )
+    before, rebuilt = by_name(results, BEFORE), by_name(results, REBUILT)
+    if before is not None and rebuilt is not None:
+        lines.append(
+            "- Building the dataset samples the first row group of the files to estimate their "
+            "in-memory size. With `select_columns` after `read_parquet` (before) that sample "
+            "decodes every column, `truth` and `labels` too: rebuilt every epoch it cost "
+            f"{before.cpu_median:.1f} ms CPU per patch, {before.median / arrow.median:.2f} of c; "
+            f"with the columns in the reader {rebuilt.cpu_median:.1f} ms, "
+            f"{rebuilt.median / arrow.median:.2f} of c. `ctray.train` builds its datasets once "
+            "per run, so an epoch pays only the read tasks (the headline)."
+        )
+    old_train = by_name(results, BEFORE_TRAIN)
+    if old_train is not None:
+        lines.append(
+            f"- The train split as `ctray.train` read it before: {old_train.median:,.0f} "
+            f"patches/s ({old_train.median / arrow.median:.2f} of c) against the headline's "
+            f"{head.median:,.0f}. `randomize_block_order` on a stream is an all-to-all step: "
+            "every epoch it waits for all read tasks and holds the whole split in the object "
+            "store (spilling once shards outgrow it) before the first batch; the seeded file "
+            "order of `read_shards` streams."
+        )
     v2 = by_name(results, V2_DEFAULTS)
     if v2 is not None:
         lines.append(
             f"- Ray 2.60's default V2 Parquet datasource starts a `ListFiles` step with "
             f"{footer_actors()} `FooterReader` actors (`RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`) on "
-            f"every execution, i.e. every streamed epoch; on {os.cpu_count()} cores each is a "
-            f"fresh Python process. Its epoch of {v2.patches} patches took {v2.epoch_s:.1f}s "
-            f"(median) against {head.epoch_s:.1f}s through `read_shards`, which turns the V1 "
-            f"reader on (`ctray.session.configure_data`): the fix makes streaming "
-            f"{head.median / v2.median:.1f}x faster."
+            f"every execution, i.e. every streamed epoch: {v2.epoch_s:.1f}s per epoch of "
+            f"{v2.patches} patches (rebuilt each epoch) against {head.epoch_s:.1f}s; "
+            "`ctray.session.configure_data` keeps the V1 reader."
         )
-    share = head.median / arrow.median
-    gap = head.epoch_s - arrow.epoch_s
-    if gap > 0:
-        cost = (
-            f"{head.epoch_s:.2f}s per epoch against pyarrow's {arrow.epoch_s:.2f}s, about "
-            f"{gap:.2f}s per epoch ({gap / head.epoch_s:.0%}) of overhead"
-        )
-    else:
-        cost = (
-            f"{head.epoch_s:.2f}s per epoch against pyarrow's {arrow.epoch_s:.2f}s: its "
-            f"{_read_blocks()} parallel read tasks hide the overhead behind the decode that "
-            "pyarrow does on one thread"
-        )
-    lines.append(
-        f"- Streaming as `ctray.train` does reaches {share:.2f} of the pyarrow ceiling: "
-        f"{cost}. Each epoch schedules the read tasks, copies every block into the object "
-        "store (the reader process writes it, the trainer process maps it) and converts "
-        "Arrow -> numpy -> torch; pyarrow decodes in-process with no copy beyond the decode."
-    )
     mat = by_name(results, MATERIALIZED)
     if mat is not None:
         lines.append(
-            f"- Materialized once (what `ctray.tune` does), later epochs iterate blocks already "
-            f"in shared memory: {mat.median:,.0f} patches/s, {mat.median / head.median:.1f}x "
-            f"streaming and {mat.median / arrow.median:.1f}x the pyarrow re-read (which decodes "
-            "Parquet every epoch); the one-off read is the materialize() time in its note. What "
-            "is left there is the per-batch cost of slicing blocks and building tensors."
+            f"- Materialized once (what `ctray.tune` does while the shards fit in "
+            f"`materialize_share` of the object store), later epochs iterate blocks already in "
+            f"shared memory: {mat.median:,.0f} patches/s, {mat.median / head.median:.1f}x "
+            f"streaming and {mat.median / arrow.median:.1f}x the pyarrow re-read (which "
+            "decodes Parquet every epoch); the one-off read is the materialize() time in its "
+            "note."
         )
     for variant in VARIANTS:
         m = by_name(results, variant)
         if m is not None:
             lines.append(f"- {variant.name}: {_versus(m, head)}.")
-    nproc = os.cpu_count() or 1
-    peak = max(float(x) for x in load)
-    state = (
-        f"above nproc={nproc}: the machine was shared, so absolute rates are low and ratios "
-        "noisy; rerun on an idle machine before quoting them"
-        if peak > nproc
-        else f"at most nproc={nproc}: the machine was close to idle"
-    )
     lines.append(
-        f"- Load average (1 min) {load[0]} at start, {load[1]} at end, {state}. The methods "
-        "ran interleaved (one epoch of each per round), so a drifting load hits all alike."
+        f"- {load_note(*load)}. The methods ran interleaved (one epoch of each per round), so "
+        "a drifting load hits all alike; CPU ms/patch depends less on the load than patches/s "
+        "(the same method moved by up to 1.8x between runs here)."
     )
     return "\n".join(lines)
 
@@ -648,7 +685,8 @@ def doc_section(
     shape = "x".join(map(str, CLINICAL_SHAPE))
     return f"""{DOC_HEADING}
 
-Generated by `{command}` on {dt.date.today().isoformat()}; machine: {machine()}.
+Generated by `{command}` on {dt.date.today().isoformat()}; machine:
+{machine("ray", "pyarrow", "torch")}.
 Total run {seconds:.0f}s; load average (1 min) {load[0]} at start, {load[1]} at end.
 
 Settings: patch {settings.patch}^3 float32, batch {settings.batch}; a patch is a
@@ -658,16 +696,16 @@ Settings: patch {settings.patch}^3 float32, batch {settings.batch}; a patch is a
 {run_patches(settings)} train patches in {settings.subjects} Parquet shards (row groups of
 {settings.row_group}, uncompressed, with the unread `truth`/`labels` columns as `ctray data
 build` writes them). One untimed warm-up epoch per Ray/pyarrow method, then
-{settings.repeats} interleaved rounds: each round times one epoch of pyarrow, ray stream
-(`read_shards`), NIfTI, ray materialized, then the other Ray rows (NIfTI only in the first
+{settings.repeats} interleaved rounds: each round times one epoch of pyarrow, the headline,
+NIfTI, then the other Ray rows (NIfTI only in the first
 {settings.nifti_repeats} round(s), {settings.nifti_batches} batch(es) per epoch,
 {settings.nifti_workers} DataLoader workers, each sample decoding two {shape} `.nii.gz`).
 `ray.init(num_cpus=8)`; all files in the page cache.
 
 {table(results)}
 
-`{result}` (a = Ray Data streaming from Parquet exactly as `ctray.train` reads it,
-`read_shards` + `iter_torch_batches`; b = NIfTI + MONAI; c = pyarrow).
+`{result}` (a = Ray Data streaming from Parquet as a `ctray.train` worker reads it; b = NIfTI +
+MONAI; c = pyarrow).
 
 {notes}
 """
@@ -683,9 +721,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser.add_argument("--batch", type=int, default=8, help="patches per batch")
     parser.add_argument("--patches", type=int, help="train patches in the shards")
     parser.add_argument("--repeats", type=int, help="timed rounds (epochs per method)")
-    parser.add_argument(
-        "--doc", type=Path, default=REPO / "docs" / "benchmarks.md", help="markdown to update"
-    )
+    parser.add_argument("--doc", type=Path, default=DOC, help="markdown to update")
     parser.add_argument("--no-doc", action="store_true", help="do not update the markdown")
     args = parser.parse_args(argv)
     base = Settings(patches=128, repeats=2, nifti_repeats=1) if args.quick else Settings()
@@ -701,10 +737,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         quick=args.quick,
     )
     return settings, None if args.no_doc else args.doc
-
-
-def load_average() -> str:
-    return f"{os.getloadavg()[0]:.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -727,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=settings.repeats,
             patches=patches,
             note="ceiling c",
+            cpu_clock=time.process_time,  # one process; the Ray session's daemons are not its
         )
         nifti = Method(
             name="nii.gz + MONAI transforms per sample",
@@ -737,14 +770,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm_up=False,  # seconds per sample; every epoch starts its own workers anyway
         )
         stream = ray_method(files, STREAM, settings)
-        materialized = ray_method(files, MATERIALIZED, settings)
-        others = [ray_method(files, m, settings) for m in (V2_DEFAULTS, *VARIANTS)]
-        run_rounds([arrow, stream, nifti, materialized, *others])
+        rest = (BEFORE, BEFORE_TRAIN, REBUILT, MATERIALIZED, V2_DEFAULTS, *VARIANTS)
+        others = [ray_method(files, m, settings) for m in rest]
+        run_rounds([arrow, stream, nifti, *others])
     finally:
         stop_ray()  # before the report, so no late raylet warning follows the RESULT line
         shutil.rmtree(root, ignore_errors=True)
 
-    ray_rows = [m.measurement() for m in (stream, materialized, *others)]
+    ray_rows = [m.measurement() for m in (stream, *others)]
     nifti_m, arrow_m = nifti.measurement(), arrow.measurement()
     results = [*ray_rows, nifti_m, arrow_m]
     result = result_line(ray_rows[0], nifti_m, arrow_m)
@@ -757,7 +790,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(notes)
     if doc is not None:
-        write_doc(doc, doc_section(settings, results, result, notes, seconds, load))
+        write_doc(doc, DOC_HEADING, doc_section(settings, results, result, notes, seconds, load))
         print(f"\nwrote {doc}")
     print(result)
     return 0
