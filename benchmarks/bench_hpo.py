@@ -269,7 +269,12 @@ def searchers(name: str, seed: int, settings: Settings, base: dict[str, Any]) ->
             spec.stage(None), from_dict(spec.config_cls, base, where="base"), tune_settings
         )
         searcher = StudySearch(
-            metric=METRIC, mode=MODE, seed=seed, time_attr=args["time_attr"], max_t=args["max_t"]
+            metric=METRIC,
+            mode=MODE,
+            seed=seed,
+            time_attr=args["time_attr"],
+            max_t=args["max_t"],
+            num_samples=tune_settings.num_samples,
         )
         scheduler = ASHAScheduler(**args)
     else:
@@ -362,6 +367,9 @@ def notes(
     full = settings.samples * settings.epochs
     reached = sum(c.ctray is not None for c in comparisons)
     per_seed = [c.ctray_cost / c.random for c in comparisons]
+    from ctray.tune.study import startup_trials
+
+    startup = startup_trials(settings.samples)
     return "\n".join(
         [
             f"- ASHA: {asha_note(settings)}.",
@@ -370,11 +378,12 @@ def notes(
             f"{statistics.median(per_seed):.2f}).",
             f"- Whole searches: ctray ran {statistics.fmean(spent):.0f} trial-epochs on average "
             f"(ASHA stopped trials at its rungs), random search {full}.",
-            "- Optuna's TPE draws its first 10 trials at random (`n_startup_trials`) with a "
+            f"- TPE draws its first {startup} trials at random (`n_startup_trials` = "
+            "`ctray.tune.study.startup_trials(num_samples)`; Optuna's default is 10) with a "
             "`RandomSampler` of the same seed: those are the configurations random search "
             "draws too (checked with Optuna's `ask()` on this space), so the pair is matched "
-            "and up to trial 10 differs only by ASHA's early stopping; TPE steers the last "
-            f"{max(settings.samples - 10, 0)} of {settings.samples}.",
+            f"and up to trial {startup} differs only by ASHA's early stopping; TPE steers the "
+            f"last {max(settings.samples - startup, 0)} of {settings.samples}.",
             f"- {load_note(*load)}; the counts above do not depend on speed (seeded trials), "
             "only the arrival order of concurrent trials does.",
         ]

@@ -45,7 +45,8 @@ h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28
 table { border-collapse: collapse; margin: 8px 0; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #d5dae1; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #eef1f5; } tr.best td { background: #e6f4ea; font-weight: 600; }
-td.num { text-align: right; } .muted { color: #5f6b7a; } .note { color: #8a4b00; }
+td.num { text-align: right; } table.trials td { white-space: nowrap; }
+.muted { color: #5f6b7a; } .note { color: #8a4b00; }
 code, pre { background: #f4f6f8; padding: 1px 4px; border-radius: 3px; }
 pre { padding: 8px; overflow-x: auto; } img { max-width: 100%; height: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 16px; }

@@ -255,6 +255,7 @@ def run_tune(
     scheduler_args = asha_args(trained, base_cfg, settings)
     # Trials that stop before max_t were stopped by ASHA: the study records them as pruned.
     study: dict[str, Any] = {k: scheduler_args[k] for k in ("time_attr", "max_t")}
+    study["num_samples"] = settings.num_samples
     if optuna_storage:
         rdb = open_storage(optuna_storage)
         check_new_study(rdb, name, optuna_storage)

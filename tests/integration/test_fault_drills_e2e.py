@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -271,6 +272,11 @@ def test_a_killed_tune_driver_resumes_without_rerunning_finished_trials(
     best = min(last, key=last.get)  # phase_gan's metric is minimised
     meta = json.loads((export / "drill" / "model.json").read_text())
     assert meta["source"]["trial"] == best, (meta["source"]["trial"], last)
+    # The resumed search kept writing to its Optuna study: one finished study trial per Tune
+    # trial, none left RUNNING by the kill, none asked twice.
+    study = optuna.load_study(study_name="drill", storage=f"sqlite:///{experiment / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == trials and set(states) <= {"COMPLETE", "PRUNED"}, states
     print(
         f"\nDRILL tune-driver-kill: driver killed after {killed_after:.0f} s with "
         f"{len(finished)} finished trial(s) on record; resumed in {resume_s:.0f} s; trials "

@@ -171,3 +171,20 @@ def test_trials_asha_stops_are_pruned_in_the_study(ray_session, tmp_path):
         0.05: "COMPLETE",
     }
     assert by_x[0.9].value == 0.9 and by_x[0.9].intermediate_values == {1: 0.9}
+
+
+def test_tensorboard_holds_the_labelled_montage_of_every_validation(smoke_export):
+    """The same readable montage as the report's, in each trial's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = sorted(_run_dir(smoke_export, "smoke").glob("*/tensorboard"))
+    assert folders, "no trial wrote TensorBoard events"
+    for folder in folders:
+        events = EventAccumulator(str(folder), size_guidance={"images": 0})
+        events.Reload()
+        shots = events.Images("preview/input_output_target")
+        assert shots, f"{folder}: no montage"
+        last = shots[-1]
+        assert last.height >= 4 * 256 and last.width >= 256, (last.height, last.width)
+        image = np.asarray(Image.open(io.BytesIO(last.encoded_image_string)).convert("RGB"))
+        assert image.std() > 10, f"{folder}: blank montage"

@@ -20,7 +20,14 @@ from ctray.tune.html_report import (
     rank_trials,
 )
 from ctray.tune.run_record import begin_record, finish_session, read_record
-from ctray.tune.study import StudySearch, check_new_study, load_study, open_storage, redact
+from ctray.tune.study import (
+    StudySearch,
+    check_new_study,
+    load_study,
+    open_storage,
+    redact,
+    startup_trials,
+)
 
 SPACE = {"lr": tune.loguniform(1e-4, 1e-2), "depth": tune.choice([1, 2, 3])}
 
@@ -198,3 +205,32 @@ def test_a_resumed_run_keeps_its_record_and_adds_a_session(tmp_path):
     assert fresh["family"] == "pix2pix" and len(fresh["sessions"]) == 1
     with pytest.raises(FileNotFoundError, match=r"no ctray-run\.json"):
         read_record(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize(("budget", "startup"), [(1, 2), (4, 2), (24, 6), (40, 10), (200, 10)])
+def test_tpe_starts_modelling_after_a_quarter_of_a_small_budget(budget, startup):
+    assert startup_trials(budget) == startup
+
+
+def test_a_four_trial_search_is_tpe_after_two_random_trials(tmp_path):
+    """With Optuna's default start (10 random trials) a 4-trial demo would be random search:
+    the first two suggestions are random search's (same seed), the next ones TPE's own."""
+
+    def suggestions(searcher: OptunaSearch) -> list[float]:
+        out = []
+        for i in range(4):
+            config = searcher.suggest(f"t{i}")
+            out.append(config["lr"])
+            result = {"val/loss": config["lr"], "epochs_done": 2, "training_iteration": 2}
+            searcher.on_trial_complete(f"t{i}", result=result)
+        return out
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tpe = _searcher(
+        StudySearch, url, "tpe", metric="val/loss", time_attr="epochs_done", max_t=2, num_samples=4
+    )
+    random = OptunaSearch(metric="val/loss", mode="min", sampler=optuna.samplers.RandomSampler(0))
+    random.set_search_properties("val/loss", "min", SPACE)
+    ours, theirs = suggestions(tpe), suggestions(random)
+    assert ours[:2] == theirs[:2]
+    assert ours[2:] != theirs[2:]
