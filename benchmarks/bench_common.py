@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +102,13 @@ def tree_cpu_seconds(root: int | None = None) -> float:
         total += used.get(pid, 0)
         stack.extend(children.get(pid, []))
     return total / ticks
+
+
+def stop_ray() -> None:
+    """Shut the benchmark's Ray session down (if up) and flush its late stderr lines, so none
+    follows the RESULT line."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()

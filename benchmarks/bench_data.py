@@ -58,7 +58,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from bench_common import DOC, load_average, load_note, machine, tree_cpu_seconds, write_doc
+from bench_common import (
+    DOC,
+    load_average,
+    load_note,
+    machine,
+    stop_ray,
+    tree_cpu_seconds,
+    write_doc,
+)
 
 from ctray.data.build import crop, prepare
 from ctray.data.nifti import HUWindow, Volume, save_nifti
@@ -543,14 +551,6 @@ def start_ray() -> None:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     configure_data()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def stop_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stderr.flush()
 
 
 # --------------------------------------------------------------------------- rounds

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import DOC, load_average, load_note, machine, write_doc
+from bench_common import DOC, load_average, load_note, machine, stop_ray, write_doc
 
 DOC_HEADING = "## Search (bench_hpo.py)"
 FAMILY = "pix2pix"
@@ -477,7 +477,6 @@ def start_ray() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import ray
     from ray import tune
 
     from ctray.data.shards import load_manifest
@@ -514,9 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        sys.stderr.flush()
+        stop_ray()
         shutil.rmtree(root, ignore_errors=True)
 
     budget = settings.samples * settings.epochs

@@ -55,7 +55,15 @@ from unittest import mock
 
 import numpy as np
 import torch
-from bench_common import DOC, load_average, load_note, machine, tree_cpu_seconds, write_doc
+from bench_common import (
+    DOC,
+    load_average,
+    load_note,
+    machine,
+    stop_ray,
+    tree_cpu_seconds,
+    write_doc,
+)
 
 DOC_HEADING = "## Training (bench_train.py)"
 FAMILY = "phase_gan"
@@ -691,7 +699,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import ray
 
     from ctray.data.shards import load_manifest
     from ctray.registry import get_family
@@ -747,9 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        sys.stderr.flush()
+        stop_ray()
         shutil.rmtree(root, ignore_errors=True)
 
     one = methods[1]
