@@ -73,6 +73,12 @@ class Load:
         return work / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def per_volume_s(self) -> float:
+        """The replica's mean inference seconds per volume over the batches it ran."""
+        work = sum(t / b for t, b in zip(self.inference_s, self.batch_sizes, strict=True))
+        return work / len(self.inference_s) if self.inference_s else float("nan")
+
+    @property
     def rps(self) -> float:
         return len(self.latencies) / self.wall_s if self.wall_s > 0 else 0.0
 
@@ -282,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded: dict[str, Load] = {}
         inproc_s = 0.0
         inproc_volumes = 0
+        inproc_size = 1
         for _ in range(args.rounds):
             for name in ("unbatched", "batched"):
                 load = closed_loop(
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 loaded[name] = load if name not in loaded else loaded[name].merge(load)
             size = round(float(np.mean(load.batch_sizes))) if load.batch_sizes else 1
+            inproc_size = size
             for _ in range(max(1, len(load.latencies) // size)):
                 inproc_s += direct_run.batch(size)
                 inproc_volumes += size
@@ -340,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{statistics.median(single['batched'].inference_s) * 1e3:.0f} ms (in-process "
         f"{direct_p50 * 1e3:.0f} ms); model busy under load: batched "
         f"{loaded['batched'].busy:.0%}, unbatched {loaded['unbatched'].busy:.0%} of the wall time"
+    )
+    print(
+        f"inference per volume under load: in the batched replica "
+        f"{loaded['batched'].per_volume_s * 1e3:.0f} ms, in process at batch size "
+        f"{inproc_size} {inproc_s / inproc_volumes * 1e3:.0f} ms"
     )
     overhead_u = single["unbatched"].pct(50) / direct_p50
     overhead_b = single["batched"].pct(50) / direct_p50

@@ -30,6 +30,7 @@ from ctray.config import from_dict
 from ctray.registry import DataInfo, FamilySpec, Stage, StepContext, get_family
 from ctray.train.montage import display_window, montage
 from ctray.train.optimization import Optimization
+from ctray.train.split_cache import SplitCache
 from ctray.train.state import (
     all_rng_states,
     ema_weights,
@@ -62,6 +63,9 @@ class LoopConfig:
         val_every: validate (and report, and checkpoint) every N epochs; the last epoch always.
         max_train_batches / max_val_batches: per-epoch caps (smoke tests).
         shuffle_buffer: rows in the local shuffle buffer of the train stream.
+        cache_mb: a worker keeps its rows of a split in memory after the first epoch when they
+            take at most this many MiB, and later epochs skip Ray Data (0: stream every epoch;
+            see ctray.train.split_cache).
         tensorboard_dir: where rank 0 writes TensorBoard events (None: off).
         display_window: the montages' HU display window (``soft_tissue``, ``lung``, ``bone``
             or ``LEVEL/WIDTH``; see ctray.train.montage).
@@ -81,12 +85,15 @@ class LoopConfig:
     max_train_batches: int | None = None
     max_val_batches: int | None = None
     shuffle_buffer: int = 64
+    cache_mb: float = 1024.0
     tensorboard_dir: str | None = None
     display_window: str = "soft_tissue"
 
     def __post_init__(self) -> None:
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}")
+        if not self.cache_mb >= 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         display_window(self.display_window)
 
     def validates(self, epoch: int) -> bool:
@@ -108,21 +115,19 @@ def exported_weights(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]
     return {**state["models"], **state.get("ema", {})}
 
 
-def _iterate(
-    split: str, loop: LoopConfig, device: torch.device, limit: int | None, seed: int
-) -> Iterator[dict]:
-    shard = ray.train.get_dataset_shard(split)
-    train = split == "train"
-    batches = shard.iter_torch_batches(
-        batch_size=loop.batch_size,
-        device=device,
-        local_shuffle_buffer_size=loop.shuffle_buffer if train else None,
-        local_shuffle_seed=seed if train else None,
-    )
-    for i, batch in enumerate(batches):
-        if limit is not None and i >= limit:
-            break
-        yield batch
+def _stream(split: str, loop: LoopConfig, seed: int) -> Callable[[torch.device], Iterator[dict]]:
+    """The worker's shard of ``split`` as Ray Data batches on a given device."""
+
+    def batches(device: torch.device) -> Iterator[dict]:
+        train = split == "train"
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
+            batch_size=loop.batch_size,
+            device=device,
+            local_shuffle_buffer_size=loop.shuffle_buffer if train else None,
+            local_shuffle_seed=seed if train else None,
+        )
+
+    return batches
 
 
 class Mean:
@@ -349,13 +354,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         autocast=autocast,
         optimize=optimize,
     )
+    budget = int(loop.cache_mb * 2**20)
+    caches = {
+        "train": SplitCache("train", budget_bytes=budget, shuffle=True, keep_partial=False),
+        "val": SplitCache("val", budget_bytes=budget, shuffle=False, keep_partial=True),
+    }
+
+    def batches(split: str, limit: int | None, seed: int) -> Iterator[dict]:
+        cache = caches[split]
+        first = not cache.decided
+        yield from cache.batches(
+            _stream(split, loop, seed),
+            batch_size=loop.batch_size,
+            limit=limit,
+            seed=seed,
+            device=device,
+        )
+        if first and cache.decided and rank == 0:
+            print(f"[{spec.name}:{stage.name}] {split} data: {cache.reason}", flush=True)
+
     for epoch in range(start_epoch, loop.epochs):
         started = time.perf_counter()
         ctx.epoch = epoch
         ctx.models = models.train_mode()
         train_mean = Mean()
         shuffle_seed = loop.seed + rank + 7919 * epoch
-        for batch in _iterate("train", loop, device, loop.max_train_batches, shuffle_seed):
+        for batch in batches("train", loop.max_train_batches, shuffle_seed):
             ctx.step = optimize.step
             for key, value in stage.train_step(ctx, batch).items():
                 train_mean.add(key, value)
@@ -366,6 +390,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "epochs_done": epoch + 1,
             "step": optimize.step,
             "epoch_time_s": time.perf_counter() - started,
+            "data/train_rows_in_memory": len(caches["train"]),
         }
         metrics.update({f"train/{k}": v for k, v in train_mean.result().items()})
         if not loop.validates(epoch):
@@ -380,10 +405,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ctx,
             models,
             stage,
-            _iterate("val", loop, device, loop.max_val_batches, 0),
+            batches("val", loop.max_val_batches, 0),
             preview=writer is not None,
         )
         metrics.update(val_metrics)
+        metrics["data/val_rows_in_memory"] = len(caches["val"])
         metrics["epoch_time_s"] = time.perf_counter() - started
         if writer is not None:
             _write_tensorboard(

@@ -113,6 +113,8 @@ def test_a_train_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
     # Then killed in epoch 2 with epoch 1's checkpoint damaged: resumed from epoch 0's.
     assert reported == ([0, 1, 1, 2] if damaged else [0, 1]), reported
     assert result.metrics["epochs_done"] == epochs
+    # The phantom rows fit in a worker: after its first pass a worker trains from memory
+    assert result.metrics["data/train_rows_in_memory"] > 0
     # The global optimiser step continued from each checkpoint: same total as without kills.
     first = read_state(run / _registered(run)[0]["checkpoint_dir_name"])
     assert read_state(result.checkpoint.path)["step"] == first["step"] * epochs

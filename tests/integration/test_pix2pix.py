@@ -96,3 +96,7 @@ def test_real_ct_pairs_build_shards_and_train(ray_session, real_ct_dir, tmp_path
     assert result.metrics["epoch"] == 1
     assert np.isfinite(result.metrics["val/mae_hu"])
     assert result.metrics["val/identity_mae_hu"] > 0  # venous differs from native in organs
+    # a train pass cut short by max_train_batches streams every epoch; the capped validation
+    # pass is kept in the worker, so both epochs were judged on the same 2 batches
+    assert result.metrics["data/train_rows_in_memory"] == 0
+    assert result.metrics["data/val_rows_in_memory"] == 8
