@@ -6,9 +6,11 @@ validating after every epoch:
 
 (a) ``ctray.train``: ``ctray.train.trainer.make_trainer`` -> ``TorchTrainer.fit()`` with 1 and 2
     workers (1 CPU slot = 1 torch thread each, gloo), data streamed from the shards with Ray Data
-    every epoch (what ``make_trainer`` does on its own), and the same with the shards
-    materialized once (what ``ctray.tune`` hands its trials): the difference is the cost of
-    streaming. The loop reports and checkpoints every epoch, as it does in a search.
+    (what ``make_trainer`` does on its own), and the same with the shards materialized once
+    (what ``ctray.tune`` hands its trials): the difference is the cost of streaming. These
+    shards fit in a worker (``LoopConfig.cache_mb``), so in both the worker keeps the rows of
+    its first pass and later epochs train from them (ctray.train.split_cache). The loop reports
+    and checkpoints every epoch, as it does in a search.
 (b) a bare loop in this process: the shards read once into torch tensors, a fresh permutation
     per epoch, the family's own ``train_step`` / ``eval_step``, 1 torch thread, no checkpoint.
 
@@ -726,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in settings.workers:
             m = Method(
                 name=f"ctray.train, {w} worker{'s' if w > 1 else ''}",
-                note="streams the shards every epoch; checkpoint every epoch",
+                note="streams the shards in epoch 1, later epochs from worker memory; "
+                "checkpoint every epoch",
             )
             methods.append(m)
             runners.append(lambda w=w: ray_run(data_dir, settings, workers=w, root=root))

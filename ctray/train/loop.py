@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -64,8 +65,8 @@ class LoopConfig:
         max_train_batches / max_val_batches: per-epoch caps (smoke tests).
         shuffle_buffer: rows in the local shuffle buffer of the train stream.
         cache_mb: a worker keeps its rows of a split in memory after the first epoch when they
-            take at most this many MiB, and later epochs skip Ray Data (0: stream every epoch;
-            see ctray.train.split_cache).
+            take at most this many MiB (and an eighth of the memory available), and later epochs
+            skip Ray Data (0: stream every epoch; see ctray.train.split_cache).
         tensorboard_dir: where rank 0 writes TensorBoard events (None: off).
         display_window: the montages' HU display window (``soft_tissue``, ``lung``, ``bone``
             or ``LEVEL/WIDTH``; see ctray.train.montage).
@@ -128,6 +129,24 @@ def _stream(split: str, loop: LoopConfig, seed: int) -> Callable[[torch.device],
         )
 
     return batches
+
+
+def cache_budget(cache_mb: float) -> int:
+    """Bytes a worker may keep per split: ``cache_mb``, and at most an eighth of the memory
+    available when it starts (trials and workers sharing a node each take their own share)."""
+    return min(int(cache_mb * 2**20), available_memory() // 8)
+
+
+def available_memory() -> int:
+    """Bytes of memory available for new work (Linux ``MemAvailable``; else physical RAM)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Mean:
@@ -354,7 +373,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         autocast=autocast,
         optimize=optimize,
     )
-    budget = int(loop.cache_mb * 2**20)
+    budget = cache_budget(loop.cache_mb)
     caches = {
         "train": SplitCache("train", budget_bytes=budget, shuffle=True, keep_partial=False),
         "val": SplitCache("val", budget_bytes=budget, shuffle=False, keep_partial=True),

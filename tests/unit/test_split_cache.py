@@ -79,3 +79,15 @@ def test_a_budget_of_zero_never_keeps_rows() -> None:
     for _ in range(2):
         epoch(cache, stream)
     assert stream.reads == 2 and cache.rows is None
+
+
+def test_the_budget_is_the_setting_within_an_eighth_of_the_available_memory() -> None:
+    import pytest
+
+    from ctray.train.loop import LoopConfig, available_memory, cache_budget
+
+    assert cache_budget(0) == 0
+    assert cache_budget(1) == 2**20
+    assert 0 < cache_budget(1e12) <= available_memory() // 8
+    with pytest.raises(ValueError, match="cache_mb"):
+        LoopConfig(family="toy", cache_mb=-1)
