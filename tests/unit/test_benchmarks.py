@@ -65,6 +65,9 @@ def test_bench_hpo_counts_trial_epochs_to_random_searchs_best(bench):
     assert never.ctray is None and never.ctray_cost == 6  # charged random's whole budget
     assert mod.epochs_ratio([reached, never]) == pytest.approx((2 + 6) / (2 + 2))
     assert mod.epochs_to_reach([float("nan"), 5.0], 5.0) == 2
+    low, high = mod.bootstrap_interval([reached, never])
+    assert low == pytest.approx(2 / 2) and high == pytest.approx(6 / 2)  # all one seed or other
+    assert mod.bootstrap_interval([reached] * 3) == pytest.approx((1.0, 1.0))
 
 
 def test_bench_data_parses_its_arguments(bench):
