@@ -67,16 +67,19 @@ class Load:
         )
 
     @property
+    def work_s(self) -> float:
+        """Seconds the replica's model computed (each batch once: its requests share it)."""
+        return sum(t / b for t, b in zip(self.inference_s, self.batch_sizes, strict=True))
+
+    @property
     def busy(self) -> float:
         """Fraction of the wall time the replica's model was computing."""
-        work = sum(t / b for t, b in zip(self.inference_s, self.batch_sizes, strict=True))
-        return work / self.wall_s if self.wall_s > 0 else 0.0
+        return self.work_s / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def per_volume_s(self) -> float:
         """The replica's mean inference seconds per volume over the batches it ran."""
-        work = sum(t / b for t, b in zip(self.inference_s, self.batch_sizes, strict=True))
-        return work / len(self.inference_s) if self.inference_s else float("nan")
+        return self.work_s / len(self.inference_s) if self.inference_s else float("nan")
 
     @property
     def rps(self) -> float:
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded: dict[str, Load] = {}
         inproc_s = 0.0
         inproc_volumes = 0
-        inproc_size = 1
+        inproc_sizes: set[int] = set()
         for _ in range(args.rounds):
             for name in ("unbatched", "batched"):
                 load = closed_loop(
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 loaded[name] = load if name not in loaded else loaded[name].merge(load)
             size = round(float(np.mean(load.batch_sizes))) if load.batch_sizes else 1
-            inproc_size = size
+            inproc_sizes.add(size)
             for _ in range(max(1, len(load.latencies) // size)):
                 inproc_s += direct_run.batch(size)
                 inproc_volumes += size
@@ -351,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"inference per volume under load: in the batched replica "
-        f"{loaded['batched'].per_volume_s * 1e3:.0f} ms, in process at batch size "
-        f"{inproc_size} {inproc_s / inproc_volumes * 1e3:.0f} ms"
+        f"{loaded['batched'].per_volume_s * 1e3:.0f} ms, in process at batch size(s) "
+        f"{', '.join(map(str, sorted(inproc_sizes)))} {inproc_s / inproc_volumes * 1e3:.0f} ms"
     )
     overhead_u = single["unbatched"].pct(50) / direct_p50
     overhead_b = single["batched"].pct(50) / direct_p50

@@ -375,8 +375,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     budget = cache_budget(loop.cache_mb)
     caches = {
-        "train": SplitCache("train", budget_bytes=budget, shuffle=True, keep_partial=False),
-        "val": SplitCache("val", budget_bytes=budget, shuffle=False, keep_partial=True),
+        "train": SplitCache(budget_bytes=budget, shuffle=True, keep_partial=False),
+        "val": SplitCache(budget_bytes=budget, shuffle=False, keep_partial=True),
     }
 
     def batches(split: str, limit: int | None, seed: int) -> Iterator[dict]:

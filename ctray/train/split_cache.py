@@ -40,20 +40,17 @@ class SplitCache:
     """One split's rows on one worker: collected during the first pass, replayed after.
 
     Args:
-        split: the split's name (for messages).
         budget_bytes: the most the kept rows may take (0: never keep them).
         shuffle: reorder the kept rows every epoch (train) or keep their order (val).
         keep_partial: keep a pass cut short by a batch limit (val: the same subset each epoch).
     """
 
-    def __init__(self, split: str, *, budget_bytes: int, shuffle: bool, keep_partial: bool):
-        self.split = split
+    def __init__(self, *, budget_bytes: int, shuffle: bool, keep_partial: bool):
         self.budget_bytes = budget_bytes
         self.shuffle = shuffle
         self.keep_partial = keep_partial
         self.rows: Batch | None = None
         self.decided = budget_bytes <= 0
-        self.nbytes = 0
         self.reason = "off (budget 0)" if self.decided else "undecided"
 
     def batches(
@@ -93,7 +90,6 @@ class SplitCache:
             return
         assert kept  # agreed: every worker, this one included, kept its rows
         self.rows = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
-        self.nbytes = nbytes
         self.reason = f"{len(self)} rows, {nbytes / 2**20:.1f} MiB kept in worker memory"
 
     def __len__(self) -> int:
@@ -106,11 +102,12 @@ class SplitCache:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         else:
             order = torch.arange(n)
-        batches = (order[i : i + batch_size] for i in range(0, n, batch_size))
-        for i, index in enumerate(batches):
-            if limit is not None and i >= limit:
-                return
-            yield {k: v[index].to(device, non_blocking=True) for k, v in self.rows.items()}
+        rows = self.rows
+        batches = (
+            {k: v[order[i : i + batch_size]].to(device, non_blocking=True) for k, v in rows.items()}
+            for i in range(0, n, batch_size)
+        )
+        yield from _limited(batches, limit)
 
 
 def _limited(batches: Iterable[Batch], limit: int | None) -> Iterator[Batch]:

@@ -30,7 +30,7 @@ def epoch(cache: SplitCache, stream: Stream, *, seed: int = 0, limit: int | None
 
 def test_train_rows_are_read_once_then_reshuffled_every_epoch() -> None:
     stream = Stream()
-    cache = SplitCache("train", budget_bytes=2**20, shuffle=True, keep_partial=False)
+    cache = SplitCache(budget_bytes=2**20, shuffle=True, keep_partial=False)
     first, _ = epoch(cache, stream, seed=1)
     assert first == list(range(10))
     assert len(cache) == 10 and "10 rows" in cache.reason
@@ -47,7 +47,7 @@ def test_train_rows_are_read_once_then_reshuffled_every_epoch() -> None:
 
 def test_val_rows_keep_their_order_and_a_limited_pass_is_the_same_subset_each_epoch() -> None:
     stream = Stream()
-    cache = SplitCache("val", budget_bytes=2**20, shuffle=False, keep_partial=True)
+    cache = SplitCache(budget_bytes=2**20, shuffle=False, keep_partial=True)
     first, _ = epoch(cache, stream, limit=2)
     assert first == list(range(8))
     assert epoch(cache, stream, limit=2)[0] == first
@@ -57,7 +57,7 @@ def test_val_rows_keep_their_order_and_a_limited_pass_is_the_same_subset_each_ep
 
 def test_a_train_pass_cut_short_streams_every_epoch() -> None:
     stream = Stream()
-    cache = SplitCache("train", budget_bytes=2**20, shuffle=True, keep_partial=False)
+    cache = SplitCache(budget_bytes=2**20, shuffle=True, keep_partial=False)
     for _ in range(3):
         assert len(epoch(cache, stream, limit=2)[0]) == 8
     assert stream.reads == 3 and cache.rows is None
@@ -66,7 +66,7 @@ def test_a_train_pass_cut_short_streams_every_epoch() -> None:
 
 def test_rows_over_the_budget_stream_every_epoch_and_are_not_held() -> None:
     stream = Stream()
-    cache = SplitCache("train", budget_bytes=10 * 4, shuffle=True, keep_partial=False)
+    cache = SplitCache(budget_bytes=10 * 4, shuffle=True, keep_partial=False)
     for _ in range(3):
         assert epoch(cache, stream)[0] == list(range(10))  # the stream's own order
     assert stream.reads == 3 and cache.rows is None
@@ -75,7 +75,7 @@ def test_rows_over_the_budget_stream_every_epoch_and_are_not_held() -> None:
 
 def test_a_budget_of_zero_never_keeps_rows() -> None:
     stream = Stream()
-    cache = SplitCache("train", budget_bytes=0, shuffle=True, keep_partial=False)
+    cache = SplitCache(budget_bytes=0, shuffle=True, keep_partial=False)
     for _ in range(2):
         epoch(cache, stream)
     assert stream.reads == 2 and cache.rows is None
