@@ -22,10 +22,14 @@ of a search to reach B is the number of trial-epochs it had reported, in the ord
 received them, when its running best first got to B or below. A ``ctray`` search that never
 reaches B is charged random search's whole budget (``num_samples * epochs``).
 
+``--sampler gp`` puts Optuna's ``GPSampler`` (same seeded random start, ``startup_trials``
+finished trials) behind ``StudySearch`` instead of TPE, to compare samplers on the same
+objective; ``ctray.tune`` itself runs TPE.
+
 Usage::
 
     python benchmarks/bench_hpo.py [--quick] [--seeds 0 1 2] [--samples N] [--epochs E]
-                                   [--doc docs/benchmarks.md | --no-doc]
+                                   [--sampler tpe|gp] [--doc docs/benchmarks.md | --no-doc]
 
 The last line printed is ``RESULT hpo_epochs_ratio=<ctray / random>`` (sums over the seeds).
 """
@@ -58,6 +62,8 @@ SLICE_PX = 32
 # after a few epochs every such trial sits within a few hundredths of a HU of the identity's
 # error, so "reaching random search's best" among them is a coin flip, not a search result.
 PINNED = {"residual": False}
+# The ctray side's sampler: "tpe" is what run_tune builds; "gp" is measured beside it.
+SAMPLERS = ("tpe", "gp")
 
 
 # --------------------------------------------------------------------------- settings
@@ -74,6 +80,7 @@ class Settings:
         max_concurrent: trials at a time (``TuneSettings``' default).
         grace_period / reduction_factor: ASHA's settings in ``TuneSettings`` (None: its
             defaults, what ``ctray.tune`` runs with).
+        sampler: the ctray side's Optuna sampler, one of ``SAMPLERS``.
         phantoms: phantom pairs in the data (a quarter, at least one, for validation).
         slices: axial slices per phantom.
         batch: slices per batch.
@@ -86,6 +93,7 @@ class Settings:
     max_concurrent: int = 2
     grace_period: int | None = None
     reduction_factor: int | None = None
+    sampler: str = "tpe"
     phantoms: int = 3
     slices: int = 8
     batch: int = 4
@@ -100,11 +108,13 @@ QUICK = Settings(seeds=(0,), samples=3, epochs=2, phantoms=2, slices=4, quick=Tr
 
 @dataclass(kw_only=True)
 class Search:
-    """One search's results in the order Tune received them: (trial id, value) per epoch."""
+    """One search's results in the order Tune received them: (trial id, value) per epoch, and
+    its trial ids in the order Tune started them (the sampler's order)."""
 
     name: str
     seed: int
     results: list[tuple[str, float]] = field(default_factory=list)
+    started: list[str] = field(default_factory=list)
 
     @property
     def trial_epochs(self) -> int:
@@ -119,6 +129,11 @@ class Search:
         if not values:
             raise ValueError(f"{self.name} search (seed {self.seed}) reported no finite value")
         return min(values) if MODE == "min" else max(values)
+
+    def epochs_of_first(self, trials: int) -> int:
+        """Trial-epochs the first ``trials`` started trials ran (a random start's cost)."""
+        first = set(self.started[:trials])
+        return sum(t in first for t, _ in self.results)
 
 
 def epochs_to_reach(values: Sequence[float], target: float, mode: str = MODE) -> int | None:
@@ -292,6 +307,7 @@ def searchers(name: str, seed: int, settings: Settings, base: dict[str, Any]) ->
             time_attr=args["time_attr"],
             max_t=args["max_t"],
             num_samples=tune_settings.num_samples,
+            sampler=gp_sampler(seed, settings.samples) if settings.sampler == "gp" else None,
         )
         scheduler = ASHAScheduler(**args)
     else:
@@ -307,6 +323,19 @@ def searchers(name: str, seed: int, settings: Settings, base: dict[str, Any]) ->
         "metric": METRIC,
         "mode": MODE,
     }
+
+
+def gp_sampler(seed: int, samples: int) -> Any:
+    """Optuna's GPSampler with TPE's random start (the same seeded draws, as many of them).
+
+    It models finished trials only (ASHA's stopped ones are PRUNED), so its start lasts until
+    ``startup_trials(samples)`` trials have run to the end.
+    """
+    import optuna
+
+    from ctray.tune.study import startup_trials
+
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(samples))
 
 
 def search_space() -> Any:
@@ -328,6 +357,9 @@ def run_search(name: str, seed: int, settings: Settings, trainable: Any, root: P
     search = Search(name=name, seed=seed)
 
     class Arrivals(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            search.started.append(trial.trial_id)
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             search.results.append((trial.trial_id, float(result[METRIC])))
 
@@ -384,9 +416,6 @@ def notes(
     full = settings.samples * settings.epochs
     reached = sum(c.ctray is not None for c in comparisons)
     per_seed = [c.ctray_cost / c.random for c in comparisons]
-    from ctray.tune.study import startup_trials
-
-    startup = startup_trials(settings.samples)
     return "\n".join(
         [
             f"- ASHA: {asha_note(settings)}.",
@@ -396,16 +425,64 @@ def notes(
             "the seeds {:.2f}-{:.2f}.".format(*bootstrap_interval(comparisons)),
             f"- Whole searches: ctray ran {statistics.fmean(spent):.0f} trial-epochs on average "
             f"(ASHA stopped trials at its rungs), random search {full}.",
-            f"- TPE draws its first {startup} trials at random (`n_startup_trials` = "
-            "`ctray.tune.study.startup_trials(num_samples)`; Optuna's default is 10) with a "
-            "`RandomSampler` of the same seed: those are the configurations random search "
-            "draws too (checked with Optuna's `ask()` on this space), so the pair is matched "
-            f"and up to trial {startup} differs only by ASHA's early stopping; TPE steers the "
-            f"last {max(settings.samples - startup, 0)} of {settings.samples}.",
+            f"- Sampler: {sampler_note(settings)}. " + start_note(settings),
+            start_cost_note(comparisons, searches, settings),
             f"- {load_note(*load)}; the counts above do not depend on speed (seeded trials), "
             "only the arrival order of concurrent trials does.",
         ]
     )
+
+
+def start_cost_note(
+    comparisons: Sequence[Comparison], searches: dict[tuple[str, int], Search], settings: Settings
+) -> str:
+    """What the random start costs against the 1/3 goal (why a small budget caps the ratio)."""
+    from ctray.tune.study import startup_trials
+
+    startup = startup_trials(settings.samples)
+    start = statistics.fmean(
+        searches[("ctray", c.seed)].epochs_of_first(startup) for c in comparisons
+    )
+    third = statistics.fmean(c.random for c in comparisons) / 3
+    left = (
+        f"leaves {third - start:.0f} trial-epochs after it"
+        if third > start
+        else "is spent before the random start ends"
+    )
+    return (
+        f"- Random start: ctray's first {startup} trials (random draws) ran {start:.0f} "
+        f"trial-epochs on average. Random search reached its best after "
+        f"{3 * third:.0f} on average; a third of that {left}."
+    )
+
+
+def start_note(settings: Settings) -> str:
+    """How the ctray side's sampler starts, and why the pair of searches is matched there."""
+    from ctray.tune.study import startup_trials
+
+    startup = startup_trials(settings.samples)
+    common = (
+        "with a `RandomSampler` of the same seed: those are the configurations random search "
+        "draws too (checked with Optuna's `ask()` on this space), so the pair is matched "
+    )
+    if settings.sampler == "gp":
+        return (
+            f"It draws at random until {startup} trials have finished (it models finished "
+            f"trials only, not ASHA's PRUNED ones) {common}until then."
+        )
+    return (
+        f"TPE draws its first {startup} trials at random (`n_startup_trials` = "
+        "`ctray.tune.study.startup_trials(num_samples)`; Optuna's default is 10) "
+        f"{common}and up to trial {startup} differs only by ASHA's early stopping; TPE steers "
+        f"the last {max(settings.samples - startup, 0)} of {settings.samples}."
+    )
+
+
+def sampler_note(settings: Settings) -> str:
+    """The ctray side's sampler, in words."""
+    if settings.sampler == "gp":
+        return "Optuna `GPSampler` behind `StudySearch` (not ctray.tune's default, TPE)"
+    return "Optuna TPE (ctray.tune's default)"
 
 
 def asha_note(settings: Settings) -> str:
@@ -430,6 +507,9 @@ def doc_section(
         f"--seeds {seeds}": settings.seeds != Settings().seeds and not settings.quick,
         f"--grace-period {settings.grace_period}": settings.grace_period,
         f"--reduction-factor {settings.reduction_factor}": settings.reduction_factor,
+        f"--samples {settings.samples}": settings.samples != Settings().samples
+        and not settings.quick,
+        f"--sampler {settings.sampler}": settings.sampler != Settings().sampler,
     }
     command = " ".join(["python benchmarks/bench_hpo.py", *(f for f, on in flags.items() if on)])
     return f"""{DOC_HEADING}
@@ -443,7 +523,7 @@ phantom pairs ({settings.slices} slices each), search space `search_spaces/{FAMI
 with {", ".join(f"`{k}={v}`" for k, v in PINNED.items())} pinned, metric `{METRIC}` after every
 epoch; each trial trains in its Tune trial process (1 torch thread, seeded). Budget per search:
 {settings.samples} trials of at most {settings.epochs} epochs, {settings.max_concurrent} at a time;
-ASHA {asha_note(settings)};
+ASHA {asha_note(settings)}; sampler {sampler_note(settings)};
 seeds {", ".join(map(str, settings.seeds))}.
 `ctray` = `StudySearch` (TPE) + `ASHAScheduler(**asha_args(...))` as `run_tune` builds them;
 `random` = Optuna `RandomSampler`, every trial to the end. Cost = trial-epochs reported (in
@@ -468,6 +548,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser.add_argument("--epochs", type=int, help="epochs per trial (ASHA's max_t)")
     parser.add_argument("--grace-period", type=int, help="ASHA grace period (TuneSettings)")
     parser.add_argument("--reduction-factor", type=int, help="ASHA reduction factor")
+    parser.add_argument(
+        "--sampler", choices=SAMPLERS, default="tpe", help="the ctray side's Optuna sampler"
+    )
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown to update")
     parser.add_argument("--no-doc", action="store_true", help="do not update the markdown")
     args = parser.parse_args(argv)
@@ -479,6 +562,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
         max_concurrent=base.max_concurrent,
         grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
+        sampler=args.sampler,
         phantoms=base.phantoms,
         slices=base.slices,
         batch=base.batch,

@@ -68,6 +68,40 @@ def test_bench_hpo_counts_trial_epochs_to_random_searchs_best(bench):
     low, high = mod.bootstrap_interval([reached, never])
     assert low == pytest.approx(2 / 2) and high == pytest.approx(6 / 2)  # all one seed or other
     assert mod.bootstrap_interval([reached] * 3) == pytest.approx((1.0, 1.0))
+    # The random start's cost: every epoch the first-started trials reported, in any order.
+    started = mod.Search(name="ctray", seed=3, results=slow.results + fast.results)
+    started.started = ["d", "c"]
+    assert started.epochs_of_first(1) == 1 and started.epochs_of_first(2) == 4
+
+
+def test_bench_hpo_gp_sampler_starts_with_random_searchs_draws(bench):
+    """``--sampler gp`` keeps the pair matched: its random start is random search's draws."""
+    import optuna
+
+    mod = bench("bench_hpo")
+    settings, _ = mod.parse_args(["--no-doc", "--sampler", "gp", "--samples", "64"])
+    assert settings.sampler == "gp" and settings.samples == 64
+    assert "--samples 64 --sampler gp" in mod.doc_section(settings, "", "", "", 0.0, ("", ""))
+    space = {
+        "lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+        "norm": optuna.distributions.CategoricalDistribution(["instance", "batch"]),
+    }
+
+    def draws(sampler) -> list[dict]:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study, out = optuna.create_study(sampler=sampler), []
+        for i in range(4):  # ASHA stops some: PRUNED trials do not end GP's random start
+            trial = study.ask(space)
+            out.append(trial.params)
+            if i % 2:
+                study.tell(trial, float(i))
+            else:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return out
+
+    assert draws(mod.gp_sampler(3, 64)) == draws(optuna.samplers.RandomSampler(seed=3))
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--sampler", "cmaes"])
 
 
 def test_bench_data_parses_its_arguments(bench):
