@@ -416,6 +416,9 @@ def notes(
     full = settings.samples * settings.epochs
     reached = sum(c.ctray is not None for c in comparisons)
     per_seed = [c.ctray_cost / c.random for c in comparisons]
+    from ctray.tune.study import startup_trials
+
+    startup = startup_trials(settings.samples)
     return "\n".join(
         [
             f"- ASHA: {asha_note(settings)}.",
@@ -425,8 +428,8 @@ def notes(
             "the seeds {:.2f}-{:.2f}.".format(*bootstrap_interval(comparisons)),
             f"- Whole searches: ctray ran {statistics.fmean(spent):.0f} trial-epochs on average "
             f"(ASHA stopped trials at its rungs), random search {full}.",
-            f"- Sampler: {sampler_note(settings)}. " + start_note(settings),
-            start_cost_note(comparisons, searches, settings),
+            f"- Sampler: {sampler_note(settings)}. " + start_note(settings, startup),
+            start_cost_note(comparisons, searches, startup),
             f"- {load_note(*load)}; the counts above do not depend on speed (seeded trials), "
             "only the arrival order of concurrent trials does.",
         ]
@@ -434,12 +437,10 @@ def notes(
 
 
 def start_cost_note(
-    comparisons: Sequence[Comparison], searches: dict[tuple[str, int], Search], settings: Settings
+    comparisons: Sequence[Comparison], searches: dict[tuple[str, int], Search], startup: int
 ) -> str:
-    """What the random start costs against the 1/3 goal (why a small budget caps the ratio)."""
-    from ctray.tune.study import startup_trials
-
-    startup = startup_trials(settings.samples)
+    """What the first ``startup`` (random) trials cost against the 1/3 goal (why a small
+    budget caps the ratio)."""
     start = statistics.fmean(
         searches[("ctray", c.seed)].epochs_of_first(startup) for c in comparisons
     )
@@ -456,11 +457,9 @@ def start_cost_note(
     )
 
 
-def start_note(settings: Settings) -> str:
-    """How the ctray side's sampler starts, and why the pair of searches is matched there."""
-    from ctray.tune.study import startup_trials
-
-    startup = startup_trials(settings.samples)
+def start_note(settings: Settings, startup: int) -> str:
+    """How the ctray side's sampler starts (``startup`` random trials), and why the pair of
+    searches is matched there."""
     common = (
         "with a `RandomSampler` of the same seed: those are the configurations random search "
         "draws too (checked with Optuna's `ask()` on this space), so the pair is matched "
@@ -525,7 +524,8 @@ epoch; each trial trains in its Tune trial process (1 torch thread, seeded). Bud
 {settings.samples} trials of at most {settings.epochs} epochs, {settings.max_concurrent} at a time;
 ASHA {asha_note(settings)}; sampler {sampler_note(settings)};
 seeds {", ".join(map(str, settings.seeds))}.
-`ctray` = `StudySearch` (TPE) + `ASHAScheduler(**asha_args(...))` as `run_tune` builds them;
+`ctray` = `StudySearch` ({settings.sampler.upper()}) + `ASHAScheduler(**asha_args(...))` as
+`run_tune` builds them;
 `random` = Optuna `RandomSampler`, every trial to the end. Cost = trial-epochs reported (in
 arrival order) until the running best reaches random search's best.
 
@@ -549,7 +549,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     parser.add_argument("--grace-period", type=int, help="ASHA grace period (TuneSettings)")
     parser.add_argument("--reduction-factor", type=int, help="ASHA reduction factor")
     parser.add_argument(
-        "--sampler", choices=SAMPLERS, default="tpe", help="the ctray side's Optuna sampler"
+        "--sampler",
+        choices=SAMPLERS,
+        default=Settings().sampler,
+        help="the ctray side's Optuna sampler",
     )
     parser.add_argument("--doc", type=Path, default=DOC, help="markdown to update")
     parser.add_argument("--no-doc", action="store_true", help="do not update the markdown")
